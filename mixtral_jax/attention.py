@@ -1,0 +1,86 @@
+"""Grouped-query self-attention with rotary positions, an optional sliding window and a KV cache.
+
+Two kinds of position meet here. The *slot* of a token is its index in the sequence buffer (cache slot);
+causality and the sliding window are decided on slots, as transformers' masks do. The *RoPE position* counts
+only real tokens, so a left-padded prompt gets the same rotations as an unpadded one.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixtral_jax.config import MixtralConfig
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float) -> jax.Array:
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate-half RoPE. x [B, T, heads, hd], positions [B, T]; angles in fp32, result in x's dtype."""
+    inv_freq = rope_inverse_frequencies(x.shape[-1], theta)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq               # [B, T, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]         # [B, T, 1, hd]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(query_slots: jax.Array, key_valid: jax.Array, sliding_window: int | None) -> jax.Array:
+    """[B, T, S] bool: key slot s is visible from query slot t (causal, valid, inside the window)."""
+    key_slots = jnp.arange(key_valid.shape[-1])
+    visible = key_slots[None, None, :] <= query_slots[:, :, None]
+    if sliding_window is not None:
+        visible &= key_slots[None, None, :] > query_slots[:, :, None] - sliding_window
+    return visible & key_valid[:, None, :]
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: MixtralConfig, *, rngs: nnx.Rngs):
+        d, hd = config.hidden_size, config.resolved_head_dim
+        h, kv = config.num_attention_heads, config.num_key_value_heads
+        pdtype = jnp.dtype(config.param_dtype)
+        init = jax.nn.initializers.normal(0.02)
+        self.config = config
+        self.q_proj = nnx.Param(init(rngs.params(), (d, h, hd), pdtype), logical_axes=("embed", "heads", "head_dim"))
+        self.k_proj = nnx.Param(init(rngs.params(), (d, kv, hd), pdtype),
+                                logical_axes=("embed", "kv_heads", "head_dim"))
+        self.v_proj = nnx.Param(init(rngs.params(), (d, kv, hd), pdtype),
+                                logical_axes=("embed", "kv_heads", "head_dim"))
+        self.o_proj = nnx.Param(init(rngs.params(), (h, hd, d), pdtype), logical_axes=("heads", "head_dim", "embed"))
+
+    def __call__(self, x, positions, query_slots, key_valid, cache_kv=None):
+        """x [B, T, D]; positions, query_slots [B, T]; key_valid [B, S].
+
+        Without a cache the keys are this call's own tokens (S = T). With `cache_kv` = (k, v), each
+        [B, S, kv_heads, hd], this call's keys are written at its slots (the same for every row) and
+        attention runs over the whole buffer. Returns (output [B, T, D], (k, v)).
+        """
+        cfg = self.config
+        dtype = x.dtype
+        q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dtype))
+        k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dtype))
+        v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dtype))
+        q = apply_rope(q, positions, cfg.rope_theta)
+        k = apply_rope(k, positions, cfg.rope_theta)
+        if cache_kv is not None:
+            first_slot = query_slots[0, 0]
+            k = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), first_slot, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), first_slot, axis=1)
+        mask = attention_mask(query_slots, key_valid, cfg.sliding_window)
+        out = grouped_query_attention(q, k.astype(dtype), v.astype(dtype), mask)
+        return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dtype)), (k, v)
+
+
+def grouped_query_attention(q, k, v, mask):
+    """q [B, T, H, hd], k/v [B, S, KV, hd], mask [B, T, S]; scores and softmax in fp32."""
+    b, t, h, hd = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * hd**-0.5
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)

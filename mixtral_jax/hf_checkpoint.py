@@ -1,0 +1,288 @@
+"""Hugging Face checkpoints: `from_pretrained` (legacy per-expert or transformers-5 fused layout, one file or
+sharded) and `save_pretrained` (the legacy layout, which every transformers version loads).
+
+Loading streams: each of our stacked parameters is assembled from its HF tensors, read through memory maps,
+moved to the device and its host buffer freed before the next, so peak host memory stays near the size of
+the finished model plus one parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from mixtral_jax.config import ConfigError, MixtralConfig
+from mixtral_jax.model import Mixtral
+from mixtral_jax.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMapping:
+    """One HF tensor and the slice of one of our parameters it fills.
+
+    `kind` says how the two relate: "copy" (same layout), "linear" (HF [out, in] against our [in, ...out]:
+    transpose and reshape), or "fused_w1" / "fused_w3" / "fused_w2" (transformers 5's stacked experts).
+    """
+
+    hf_key: str
+    param: str            # our parameter path, dotted
+    index: tuple          # index into our (stacked) parameter
+    hf_shape: tuple
+    kind: str
+
+
+def legacy_mappings(config: MixtralConfig) -> list[TensorMapping]:
+    """Every tensor of the Hub's layout (what `save_pretrained` writes and releases use)."""
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    hd, h, kv = config.resolved_head_dim, config.num_attention_heads, config.num_key_value_heads
+    maps = [TensorMapping("model.embed_tokens.weight", "embed_tokens", (), (v, d), "copy"),
+            TensorMapping("model.norm.weight", "norm.weight", (), (d,), "copy")]
+    if not config.tie_word_embeddings:
+        maps.append(TensorMapping("lm_head.weight", "lm_head", (), (v, d), "linear"))
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}"
+        maps += [
+            TensorMapping(f"{p}.input_layernorm.weight", "layers.input_layernorm.weight", (layer,), (d,), "copy"),
+            TensorMapping(f"{p}.post_attention_layernorm.weight", "layers.post_attention_layernorm.weight",
+                          (layer,), (d,), "copy"),
+            TensorMapping(f"{p}.self_attn.q_proj.weight", "layers.self_attn.q_proj", (layer,), (h * hd, d), "linear"),
+            TensorMapping(f"{p}.self_attn.k_proj.weight", "layers.self_attn.k_proj", (layer,), (kv * hd, d), "linear"),
+            TensorMapping(f"{p}.self_attn.v_proj.weight", "layers.self_attn.v_proj", (layer,), (kv * hd, d), "linear"),
+            TensorMapping(f"{p}.self_attn.o_proj.weight", "layers.self_attn.o_proj", (layer,), (d, h * hd), "linear"),
+            TensorMapping(f"{p}.block_sparse_moe.gate.weight", "layers.block_sparse_moe.gate", (layer,),
+                          (config.num_local_experts, d), "linear"),
+        ]
+        for e in range(config.num_local_experts):
+            q = f"{p}.block_sparse_moe.experts.{e}"
+            maps += [TensorMapping(f"{q}.w1.weight", "layers.block_sparse_moe.w1", (layer, e), (f, d), "linear"),
+                     TensorMapping(f"{q}.w2.weight", "layers.block_sparse_moe.w2", (layer, e), (d, f), "linear"),
+                     TensorMapping(f"{q}.w3.weight", "layers.block_sparse_moe.w3", (layer, e), (f, d), "linear")]
+    return maps
+
+
+def fused_mappings(config: MixtralConfig) -> list[TensorMapping]:
+    """transformers 5's in-memory layout: `mlp.gate`, `mlp.experts.gate_up_proj` [E, 2F, D], `down_proj`."""
+    d, f, e = config.hidden_size, config.intermediate_size, config.num_local_experts
+    maps = []
+    for m in legacy_mappings(config):
+        if ".block_sparse_moe.experts." in m.hf_key:
+            continue
+        maps.append(dataclasses.replace(m, hf_key=m.hf_key.replace(".block_sparse_moe.gate.", ".mlp.gate.")))
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}.mlp.experts"
+        maps += [TensorMapping(f"{p}.gate_up_proj", "layers.block_sparse_moe.w1", (layer,), (e, 2 * f, d), "fused_w1"),
+                 TensorMapping(f"{p}.gate_up_proj", "layers.block_sparse_moe.w3", (layer,), (e, 2 * f, d), "fused_w3"),
+                 TensorMapping(f"{p}.down_proj", "layers.block_sparse_moe.w2", (layer,), (e, d, f), "fused_w2")]
+    return maps
+
+
+def hf_to_ours(mapping: TensorMapping, tensor: np.ndarray, target_shape: tuple) -> np.ndarray:
+    f = mapping.hf_shape[1] // 2 if mapping.kind in ("fused_w1", "fused_w3") else None
+    if mapping.kind == "copy":
+        return tensor.reshape(target_shape)
+    if mapping.kind == "linear":
+        return tensor.T.reshape(target_shape)
+    if mapping.kind == "fused_w1":
+        return tensor[:, :f, :].transpose(0, 2, 1)
+    if mapping.kind == "fused_w3":
+        return tensor[:, f:, :].transpose(0, 2, 1)
+    return tensor.transpose(0, 2, 1)  # fused_w2
+
+
+def ours_to_hf(mapping: TensorMapping, array: np.ndarray) -> np.ndarray:
+    if mapping.kind == "copy":
+        return array.reshape(mapping.hf_shape)
+    if mapping.kind == "linear":
+        return array.reshape(mapping.hf_shape[1], mapping.hf_shape[0]).T
+    raise ValueError(f"we write only the legacy layout, not {mapping.kind}")
+
+
+# ------------------------------------------------------------------------------------------------ reading
+class CheckpointFiles:
+    """The safetensors files of an HF directory and which file holds each tensor."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        index_path = os.path.join(directory, INDEX_FILE)
+        if os.path.exists(index_path):
+            try:
+                with open(index_path, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index_path}: field 'weight_map' unreadable ({err!r})") from None
+            for filename in sorted(set(weight_map.values())):
+                if not os.path.exists(os.path.join(directory, filename)):
+                    key = next(k for k, v in weight_map.items() if v == filename)
+                    raise CheckpointError(f"{index_path}: shard '{filename}' (holding '{key}' and others) "
+                                          f"is missing from {directory}")
+            self.files = {name: SafetensorsFile(os.path.join(directory, name))
+                          for name in sorted(set(weight_map.values()))}
+            self.location = {}
+            for filename, file in self.files.items():
+                for key in file.keys():
+                    self.location[key] = filename
+            for key, filename in weight_map.items():
+                if self.location.get(key) != filename:
+                    raise CheckpointError(f"{index_path}: names tensor '{key}' in '{filename}', which lacks it")
+        else:
+            names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+            if not names:
+                raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} found")
+            self.files = {name: SafetensorsFile(os.path.join(directory, name)) for name in names}
+            self.location = {key: name for name, f in self.files.items() for key in f.keys()}
+
+    def read(self, key: str) -> np.ndarray:
+        return self.files[self.location[key]].get(key)
+
+    def shape(self, key: str) -> tuple:
+        return self.files[self.location[key]].shape(key)
+
+    def where(self, key: str) -> str:
+        return os.path.join(self.directory, self.location[key])
+
+    def dtype(self, key: str):
+        return self.files[self.location[key]].dtype(key)
+
+
+def _ignored(key: str) -> bool:
+    return key.endswith("rotary_emb.inv_freq")
+
+
+def detect_mappings(files: CheckpointFiles, config: MixtralConfig) -> list[TensorMapping]:
+    fused = any(".mlp.experts." in key for key in files.location)
+    mappings = fused_mappings(config) if fused else legacy_mappings(config)
+    expected = {m.hf_key for m in mappings}
+    for key in mappings:
+        if key.hf_key not in files.location:
+            raise CheckpointError(f"{files.directory}: tensor '{key.hf_key}' is missing "
+                                  f"({'fused' if fused else 'legacy'} layout)")
+    for key in sorted(files.location):
+        if key not in expected and not _ignored(key):
+            raise CheckpointError(f"{files.where(key)}: unexpected tensor '{key}' for this config")
+    for m in mappings:
+        if files.shape(m.hf_key) != m.hf_shape:
+            raise CheckpointError(f"{files.where(m.hf_key)}: tensor '{m.hf_key}' has shape "
+                                  f"{list(files.shape(m.hf_key))}, config.json implies {list(m.hf_shape)}")
+    return mappings
+
+
+def from_pretrained(path: str | os.PathLike, dtype: str | None = None, *, mesh=None, show_progress: bool = False,
+                    **implementation) -> Mixtral:
+    """Loads an HF Mixtral directory. `dtype` sets parameter and compute dtype (default: the checkpoint's).
+
+    `implementation` overrides our own config fields (moe_backend, scan_layers, remat_policy, ...).
+    With `mesh`, every parameter is placed with its sharding from the logical-axis rules as it is read.
+    """
+    directory = os.fspath(path)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: not a directory")
+    files = CheckpointFiles(directory)
+    if dtype is None:
+        key = "model.embed_tokens.weight"
+        dtype = str(files.dtype(key)) if key in files.location else "float32"
+    config = MixtralConfig.from_hf(directory, **{"dtype": dtype, "param_dtype": dtype, **implementation})
+    mappings = detect_mappings(files, config)
+
+    model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
+    params = dict(_named_params(model))
+    by_param: dict[str, list[TensorMapping]] = {}
+    for m in mappings:
+        by_param.setdefault(m.param, []).append(m)
+    placement = _placement(model, mesh)
+    for name in tqdm(by_param, desc=f"loading {os.path.basename(directory)}", disable=not show_progress):
+        variable = params[name]
+        shape, pdtype = variable.get_value().shape, variable.get_value().dtype
+        buffer = np.empty(shape, np.dtype(pdtype))
+        for m in by_param[name]:
+            target = buffer[m.index]
+            target[...] = hf_to_ours(m, files.read(m.hf_key), target.shape).astype(buffer.dtype)
+        variable.set_value(placement(name, buffer))
+        del buffer
+    return model
+
+
+def _named_params(model: nnx.Module) -> Iterator[tuple[str, nnx.Variable]]:
+    for path, variable in nnx.iter_graph(model):
+        if isinstance(variable, nnx.Param):
+            yield ".".join(str(p) for p in path), variable
+
+
+def _placement(model, mesh) -> Callable[[str, np.ndarray], jax.Array]:
+    if mesh is None:
+        return lambda name, array: jnp.asarray(array)
+    from mixtral_jax import sharding  # the mesh machinery is needed only when a mesh is given
+
+    return sharding.param_placer(model, mesh)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def save_pretrained(model: Mixtral, path: str | os.PathLike, *, max_shard_bytes: int | None = None,
+                    dtype: str | None = None, overwrite: bool = False) -> None:
+    """Writes config.json, generation_config.json and legacy-layout safetensors (sharded past max_shard_bytes).
+
+    The directory is assembled under a temporary name beside `path` and renamed when complete.
+    """
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise CheckpointError(f"{path}: already exists (pass overwrite=True to replace it)")
+    config = model.config
+    out_dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
+    params = {name: var for name, var in _named_params(model)}
+    tensors = [(m.hf_key, m) for m in legacy_mappings(config)]
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        shards, current, current_bytes = [], [], 0
+        for key, m in tensors:
+            nbytes = out_dtype.itemsize * int(np.prod(m.hf_shape))
+            if current and max_shard_bytes is not None and current_bytes + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, current_bytes = [], 0
+            current.append((key, m))
+            current_bytes += nbytes
+        shards.append(current)
+        host = {name: None for name in params}  # each parameter fetched from the device once, when first needed
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            filename = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            arrays = []
+            for key, m in shard:
+                if host[m.param] is None:
+                    host[m.param] = np.asarray(jax.device_get(params[m.param][...]))
+                arrays.append((key, np.ascontiguousarray(ours_to_hf(m, host[m.param][m.index])).astype(out_dtype)))
+                weight_map[key] = filename
+            write_safetensors(os.path.join(tmp, filename), arrays)
+        if len(shards) > 1:
+            total = sum(out_dtype.itemsize * int(np.prod(m.hf_shape)) for _, m in tensors)
+            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        hf_config = {**config.to_hf(), "torch_dtype": str(out_dtype)}
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}, f, indent=2)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+__all__ = ["from_pretrained", "save_pretrained", "CheckpointError", "ConfigError", "legacy_mappings",
+           "fused_mappings"]

@@ -1,0 +1,107 @@
+"""Reading and writing safetensors files as numpy arrays, bfloat16 included.
+
+`safetensors.numpy` cannot hold bfloat16 (numpy has no such dtype), so we read the format ourselves: an
+8-byte little-endian header length, a JSON header, then raw little-endian tensor bytes. Tensors are memory
+mapped, so reading one tensor of a 5 GB shard touches only that tensor's bytes. Every malformed file gives a
+`CheckpointError` that names the file (and the tensor).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterable, Mapping
+
+import ml_dtypes
+import numpy as np
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked; the message names the file and the tensor or field."""
+
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsFile:
+    """The tensors of one file, each read on demand through a memory map."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        try:
+            size = os.path.getsize(self.path)
+            with open(self.path, "rb") as f:
+                prefix = f.read(8)
+                if len(prefix) < 8:
+                    raise CheckpointError(f"{self.path}: truncated safetensors file (no header)")
+                (header_len,) = struct.unpack("<Q", prefix)
+                if header_len > min(_MAX_HEADER, size - 8):
+                    raise CheckpointError(f"{self.path}: corrupt safetensors header (length {header_len} "
+                                          f"in a file of {size} bytes)")
+                header = json.loads(f.read(header_len))
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{self.path}: corrupt safetensors header ({err})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + header_len
+        self._entries = header
+        for name, entry in header.items():
+            try:
+                dtype, shape, (begin, end) = DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: tensor '{name}' has a malformed header entry "
+                                      f"{entry!r}") from None
+            if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+                raise CheckpointError(f"{self.path}: tensor '{name}' byte range does not match its shape {shape}")
+            if self._data_start + end > size:
+                raise CheckpointError(f"{self.path}: truncated file: tensor '{name}' ends at byte "
+                                      f"{self._data_start + end} but the file has {size} bytes")
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return DTYPES[self._entries[name]["dtype"]]
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as a read-only memory-mapped array (no copy until used)."""
+        if name not in self._entries:
+            raise CheckpointError(f"{self.path}: no tensor '{name}'")
+        begin, end = self._entries[name]["data_offsets"]
+        shape, dtype = self.shape(name), self.dtype(name)
+        if end == begin:
+            return np.zeros(shape, dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Writes tensors in order; the header is computed from shapes first, then each tensor is streamed."""
+    items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, array in items:
+        nbytes = array.dtype.itemsize * int(np.prod(array.shape, dtype=np.int64))
+        header[name] = {"dtype": DTYPE_NAMES[np.dtype(array.dtype)], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for _, array in items:
+            f.write(np.ascontiguousarray(array).astype(array.dtype, copy=False).tobytes())
