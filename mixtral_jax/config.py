@@ -79,6 +79,8 @@ class MixtralConfig:
 
     def __post_init__(self):
         self.validate()
+        if self.head_dim is None:  # resolved once, so a config equals itself after an HF round trip
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
 
     # ---------------------------------------------------------------- derived values
     @property
@@ -113,6 +115,9 @@ class MixtralConfig:
                             ("capacity_factor", self.capacity_factor)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 fail(name, f"must be a positive number, got {value!r}")
+        for name in ("tie_word_embeddings", "scan_layers"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, f"must be true or false, got {getattr(self, name)!r}")
         for name, value, allowed in (("moe_backend", self.moe_backend, MOE_BACKENDS),
                                      ("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS),
                                      ("remat_policy", self.remat_policy, REMAT_POLICIES),
@@ -253,7 +258,13 @@ def parse_overrides(assignments: list[str]) -> dict[str, Any]:
         key, sep, text = assignment.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{assignment}' is not of the form key=value")
-        values[key.strip()] = yaml.safe_load(text)
+        value = yaml.safe_load(text)
+        if isinstance(value, str):  # YAML 1.1 reads "1e6" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        values[key.strip()] = value
     return values
 
 

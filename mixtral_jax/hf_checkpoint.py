@@ -123,6 +123,10 @@ class CheckpointFiles:
                     weight_map = json.load(f)["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise CheckpointError(f"{index_path}: field 'weight_map' unreadable ({err!r})") from None
+            for key, filename in weight_map.items():
+                if not isinstance(filename, str) or os.path.basename(filename) != filename or not filename:
+                    raise CheckpointError(f"{index_path}: field 'weight_map' names '{filename}' for '{key}'; "
+                                          f"expected a file name inside the directory")
             for filename in sorted(set(weight_map.values())):
                 if not os.path.exists(os.path.join(directory, filename)):
                     key = next(k for k, v in weight_map.items() if v == filename)
@@ -133,6 +137,9 @@ class CheckpointFiles:
             self.location = {}
             for filename, file in self.files.items():
                 for key in file.keys():
+                    if key in self.location:
+                        raise CheckpointError(f"{directory}: tensor '{key}' is stored in both "
+                                              f"'{self.location[key]}' and '{filename}'")
                     self.location[key] = filename
             for key, filename in weight_map.items():
                 if self.location.get(key) != filename:
@@ -189,6 +196,7 @@ def from_pretrained(path: str | os.PathLike, dtype: str | None = None, *, mesh=N
     directory = os.fspath(path)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a directory")
+    MixtralConfig.from_hf(directory)  # a bad config.json is reported before any tensor is looked at
     files = CheckpointFiles(directory)
     if dtype is None:
         key = "model.embed_tokens.weight"
@@ -276,12 +284,29 @@ def save_pretrained(model: Mixtral, path: str | os.PathLike, *, max_shard_bytes:
             json.dump(hf_config, f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}, f, indent=2)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.rename(tmp, path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private mode is for the build, not the result
+        _replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _replace_directory(new: str, path: str) -> None:
+    """Moves `new` to `path`; an old `path` is moved aside first and deleted only once `new` is in place."""
+    if not os.path.exists(path):
+        os.rename(new, path)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(os.path.abspath(path)))
+    os.rmdir(old)
+    os.rename(path, old)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    shutil.rmtree(old)
 
 
 __all__ = ["from_pretrained", "save_pretrained", "CheckpointError", "ConfigError", "legacy_mappings",

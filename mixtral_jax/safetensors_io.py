@@ -56,6 +56,9 @@ class SafetensorsFile:
         self._data_start = 8 + header_len
         self._entries = header
         for name, entry in header.items():
+            if isinstance(entry, dict) and entry.get("dtype") not in DTYPES:
+                raise CheckpointError(f"{self.path}: tensor '{name}' has unsupported dtype {entry.get('dtype')!r} "
+                                      f"(supported: {', '.join(DTYPES)})")
             try:
                 dtype, shape, (begin, end) = DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
             except (KeyError, TypeError, ValueError):

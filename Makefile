@@ -1,0 +1,30 @@
+# Two entry points: `make demo` (install, then generate Chinese text with the bundled tiny model) and
+# `make test` (install with the test extra, then run the whole suite). Each creates .venv itself.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: demo test bench clean
+
+$(VENV)/.base: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) -e .
+	touch $@
+
+# torch first, pinned: 2.13.0 is a CPU build on local disk here; anything else downloads a CUDA build.
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.base
+	$(VENV)/bin/mixtral-jax generate --prompt "中国的首都是" --prompt "[INST] 请介绍一下北京。 [/INST]" --max-new-tokens 32
+
+test: $(VENV)/.test
+	$(VENV)/bin/pytest -q
+
+bench: $(VENV)/.test
+	$(PY) -m bench.bench_model --config both
+
+clean:
+	rm -rf $(VENV) .pytest_cache

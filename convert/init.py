@@ -1,0 +1,19 @@
+"""Randomly initialised models written as HF directories: the bundled tiny model and benchmark models."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from mixtral_jax.config import MixtralConfig, parse_overrides
+from mixtral_jax.hf_checkpoint import save_pretrained
+from mixtral_jax.model import Mixtral
+
+
+def init_random(out: str, preset: str, seed: int = 0, dtype: str = "float32", overrides: list[str] = (),
+                overwrite: bool = False) -> str:
+    """Initialises in fp32 from `seed` (normal(0.02) weights, unit norms), then writes in `dtype`."""
+    config = MixtralConfig.from_preset(preset, {**parse_overrides(list(overrides)), "dtype": "float32",
+                                                "param_dtype": "float32"})
+    model = Mixtral(config, rngs=nnx.Rngs(seed))
+    save_pretrained(model, out, dtype=dtype, overwrite=overwrite)
+    return out

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random transformers Mixtral models saved as HF directories, made once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+# Tiny configs that differ in GQA ratio, head_dim, top-k, expert count and sliding window.
+REFERENCE_CONFIGS = {
+    "gqa2_top2": dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                      sliding_window=None),
+    "mha_top1_hd16": dict(vocab_size=96, hidden_size=48, intermediate_size=40, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=4, head_dim=16, num_local_experts=8,
+                          num_experts_per_tok=1, sliding_window=6),
+    "mqa_top3": dict(vocab_size=112, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=1, head_dim=8, num_local_experts=6,
+                     num_experts_per_tok=3, sliding_window=None),
+    "gqa4_top2_window": dict(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=8, num_key_value_heads=2, num_local_experts=8,
+                             num_experts_per_tok=2, sliding_window=5),
+}
+
+
+def make_reference_model(name: str, seed: int = 0):
+    """A transformers MixtralForCausalLM (fp32, eval mode) with random weights for REFERENCE_CONFIGS[name]."""
+    from transformers import MixtralConfig as HFMixtralConfig
+    from transformers import MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = HFMixtralConfig(max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
+                             router_aux_loss_coef=0.02, **REFERENCE_CONFIGS[name])
+    model = MixtralForCausalLM(config).eval()
+    with torch.no_grad():  # HF initialises norms to one; perturb them so a mix-up cannot go unseen
+        for module_name, param in model.named_parameters():
+            if "norm" in module_name:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+@pytest.fixture(scope="session")
+def reference_dirs(tmp_path_factory):
+    """name -> (transformers model, HF directory that transformers' save_pretrained wrote)."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            model = make_reference_model(name)
+            directory = tmp_path_factory.mktemp(f"hf_{name}")
+            model.save_pretrained(directory)
+            cache[name] = (model, str(directory))
+        return cache[name]
+
+    return get

@@ -1,0 +1,134 @@
+"""The model against transformers' MixtralForCausalLM (fp32, CPU): logits, selected experts, aux loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+import mixtral_jax as mj
+from tests.conftest import REFERENCE_CONFIGS
+
+BACKENDS = [dict(moe_backend="dense"), dict(moe_backend="dropless", grouped_matmul="blocked", moe_block_size=4),
+            dict(moe_backend="dropless", grouped_matmul="ragged_dot"), dict(moe_backend="capacity", capacity_factor=8.0)]  # capacity = sequence: nothing dropped
+SEQ = 12
+
+
+def _ids(vocab, batch=2, seq=SEQ, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int64)
+
+
+def _reference(model, ids, mask=None):
+    with torch.no_grad():
+        out = model(torch.from_numpy(ids), attention_mask=None if mask is None else torch.from_numpy(mask),
+                    output_router_logits=True)
+    router = np.stack([r.numpy() for r in out.router_logits])  # [L, B*T, E]
+    return out.logits.numpy(), router, float(out.aux_loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: "-".join(str(v) for v in b.values()))
+@pytest.mark.parametrize("name", list(REFERENCE_CONFIGS))
+def test_logits_experts_and_aux_loss_match_transformers(reference_dirs, name, backend):
+    ref_model, directory = reference_dirs(name)
+    ids = _ids(ref_model.config.vocab_size)
+    ref_logits, ref_router, ref_aux = _reference(ref_model, ids)
+
+    model = mj.from_pretrained(directory, **backend)
+    out = model(jnp.asarray(ids))
+    np.testing.assert_allclose(np.asarray(out.logits), ref_logits, atol=1e-4, rtol=0)
+    k = model.config.num_experts_per_tok
+    ours_router = np.asarray(out.router_logits).reshape(ref_router.shape)
+    np.testing.assert_array_equal(np.sort(np.argsort(-ours_router, -1)[..., :k], -1),
+                                  np.sort(np.argsort(-ref_router, -1)[..., :k], -1))
+    assert abs(float(out.aux_loss) - ref_aux) <= 1e-5
+    assert int(out.dropped_tokens) == 0
+
+
+def test_padded_batch_matches_transformers_with_attention_mask(reference_dirs):
+    ref_model, directory = reference_dirs("gqa4_top2_window")
+    ids = _ids(ref_model.config.vocab_size, batch=3)
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[2, :9] = 0
+    ref_logits, _, ref_aux = _reference(ref_model, ids, mask)
+    out = mj.from_pretrained(directory)(jnp.asarray(ids), jnp.asarray(mask))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(out.logits)[real], ref_logits[real], atol=1e-4, rtol=0)
+    assert abs(float(out.aux_loss) - ref_aux) <= 1e-5
+
+
+@pytest.mark.parametrize("implementation", [dict(scan_layers=False), dict(remat_policy="full"),
+                                            dict(remat_policy="dots", scan_layers=False)])
+def test_unrolled_and_rematerialised_layers_compute_the_same(reference_dirs, implementation):
+    ref_model, directory = reference_dirs("mha_top1_hd16")
+    ids = _ids(ref_model.config.vocab_size)
+    ref_logits, _, _ = _reference(ref_model, ids)
+    model = mj.from_pretrained(directory, **implementation)
+
+    def loss(m):
+        return jnp.mean(m(jnp.asarray(ids)).logits ** 2)
+
+    value, grads = nnx.value_and_grad(loss)(model)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids)).logits), ref_logits, atol=1e-4, rtol=0)
+    base = mj.from_pretrained(directory)
+    base_value, base_grads = nnx.value_and_grad(loss)(base)
+    np.testing.assert_allclose(float(value), float(base_value), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+def test_bfloat16_close_to_transformers_fp32(reference_dirs):
+    ref_model, directory = reference_dirs("gqa2_top2")
+    ids = _ids(ref_model.config.vocab_size)
+    ref_logits, _, _ = _reference(ref_model, ids)
+    out = mj.from_pretrained(directory, dtype="bfloat16")(jnp.asarray(ids))
+    assert out.logits.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out.logits, np.float32), ref_logits, atol=2e-2, rtol=0)
+
+
+def test_gradients_match_transformers(reference_dirs):
+    """The training signal, not only the forward: d(loss)/d(weights) against torch autograd (1e-5)."""
+    ref_model, directory = reference_dirs("gqa2_top2")
+    ids = _ids(ref_model.config.vocab_size)
+    ref_model.zero_grad()
+    out = ref_model(torch.from_numpy(ids), labels=torch.from_numpy(ids), output_router_logits=True)
+    out.loss.backward()
+
+    model = mj.from_pretrained(directory, moe_backend="dropless", grouped_matmul="blocked", moe_block_size=4)
+
+    def loss(m):
+        o = m(jnp.asarray(ids))
+        logits = o.logits[:, :-1].astype(jnp.float32)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(ids)[:, 1:, None], -1)
+        return jnp.mean(nll) + m.config.router_aux_loss_coef * o.aux_loss
+
+    value, grads = nnx.value_and_grad(loss)(model)
+    assert abs(float(value) - out.loss.item()) < 1e-5
+    w1_ref = ref_model.model.layers[1].mlp.experts.gate_up_proj.grad[:, : model.config.intermediate_size]
+    np.testing.assert_allclose(np.asarray(grads.layers.block_sparse_moe.w1[...])[1],
+                               w1_ref.numpy().transpose(0, 2, 1), atol=1e-5)
+    q_ref = ref_model.model.layers[0].self_attn.q_proj.weight.grad.numpy()
+    np.testing.assert_allclose(np.asarray(grads.layers.self_attn.q_proj[...])[0].reshape(q_ref.shape[1], -1).T,
+                               q_ref, atol=1e-5)
+    gate_ref = ref_model.model.layers[0].mlp.gate.weight.grad.numpy()
+    np.testing.assert_allclose(np.asarray(grads.layers.block_sparse_moe.gate[...])[0].T, gate_ref, atol=1e-5)
+
+
+def test_load_balancing_loss_matches_transformers_and_uniform_router_gives_top_k():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 2, 5, 8)).astype(np.float32)
+    mask = np.ones((2, 5), np.int64)
+    mask[0, :2] = 0
+    ref = load_balancing_loss_func(tuple(torch.from_numpy(l.reshape(10, 8)) for l in logits), 8, 2,
+                                   torch.from_numpy(mask))
+    ours = mj.load_balancing_loss(jnp.asarray(logits), 2, jnp.asarray(mask))
+    assert abs(float(ours) - float(ref)) < 1e-6
+    # 8 tokens whose top-2 covers every expert exactly twice, with equal router probabilities per expert.
+    balanced = np.full((1, 1, 8, 8), -5.0, np.float32)
+    for t in range(8):
+        balanced[0, 0, t, [t, (t + 1) % 8]] = 5.0
+    assert abs(float(mj.load_balancing_loss(jnp.asarray(balanced), 2)) - 2.0) < 1e-5
