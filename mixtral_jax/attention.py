@@ -76,11 +76,5 @@ class Attention(nnx.Module):
 
 
 def grouped_query_attention(q, k, v, mask):
-    """q [B, T, H, hd], k/v [B, S, KV, hd], mask [B, T, S]; scores and softmax in fp32."""
-    b, t, h, hd = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * hd**-0.5
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+    """q [B, T, H, hd], k/v [B, S, KV, hd], mask [B, T, S]; scaled by hd**-0.5, scores and softmax in fp32."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")

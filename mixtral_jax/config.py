@@ -70,7 +70,7 @@ class MixtralConfig:
     # Implementation (ours).
     moe_backend: str = "dropless"
     grouped_matmul: str = "blocked"  # dropless expert product: "ragged_dot" (GPU/TPU) or "blocked" (CPU)
-    moe_block_size: int = 64  # rows per block of the "blocked" grouped product
+    moe_block_size: int = 128  # rows per block of the "blocked" grouped product
     capacity_factor: float = 2.0
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"

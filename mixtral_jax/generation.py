@@ -70,7 +70,8 @@ def _generate(graphdef, state, input_ids, attention_mask, sampling: SamplingConf
     vocab = model.config.vocab_size
     total = prompt_len + sampling.max_new_tokens
     cache = KVCache.create(model.config, batch, total)
-    out = model(input_ids, attention_mask, cache=cache)
+    layers = model.split_layers()
+    out = model(input_ids, attention_mask, cache=cache, layers=layers)
     seen = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], input_ids].set(attention_mask.astype(bool))
     key = jax.random.key(sampling.seed)
     key, step_key = jax.random.split(key)
@@ -86,7 +87,7 @@ def _generate(graphdef, state, input_ids, attention_mask, sampling: SamplingConf
         step, cache, tokens, seen, done, key = carry
         previous = tokens[:, step - 1]
         seen = seen.at[jnp.arange(batch), previous].set(True)
-        out = model(previous[:, None], jnp.ones((batch, 1), bool), cache=cache)
+        out = model(previous[:, None], jnp.ones((batch, 1), bool), cache=cache, layers=layers)
         key, step_key = jax.random.split(key)
         token = _choose(out.logits[:, -1], seen, step_key, sampling)
         token = jnp.where(done, eos_token_id, token)

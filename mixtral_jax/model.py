@@ -99,8 +99,11 @@ class Mixtral(nnx.Module):
                                      logical_axes=("embed", "vocab"))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 cache: KVCache | None = None) -> MixtralOutput:
-        """input_ids [B, T]; attention_mask [B, T] (1 = real token, 0 = padding; left padding for generation)."""
+                 cache: KVCache | None = None, layers: list[DecoderLayer] | None = None) -> MixtralOutput:
+        """input_ids [B, T]; attention_mask [B, T] (1 = real token, 0 = padding; left padding for generation).
+
+        `layers` (from `split_layers`) runs those modules, unrolled, instead of the stacked parameters.
+        """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         batch, length = input_ids.shape
@@ -118,7 +121,7 @@ class Mixtral(nnx.Module):
             cache_kv = (cache.keys, cache.values)
 
         x = self.embed_tokens[...].astype(dtype)[input_ids]
-        x, router_logits, new_kv, dropped = self._run_layers(x, positions, query_slots, key_valid, cache_kv)
+        x, router_logits, new_kv, dropped = self._run_layers(x, positions, query_slots, key_valid, cache_kv, layers)
         x = self.norm(x)
         head = self.embed_tokens[...].T if cfg.tie_word_embeddings else self.lm_head[...]
         logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype))
@@ -131,23 +134,34 @@ class Mixtral(nnx.Module):
         return MixtralOutput(logits=logits, aux_loss=aux, router_logits=router_logits,
                              dropped_tokens=jnp.sum(dropped), cache=new_cache)
 
-    def _run_layers(self, x, positions, query_slots, key_valid, cache_kv):
+    def split_layers(self) -> list[DecoderLayer]:
+        """One module per layer with its own parameter buffers.
+
+        Decoding loops run these: slicing the stacked parameters inside a loop copies every layer's weights
+        (all experts included) on every step, which on CPU costs more than the step's arithmetic.
+        """
+        graphdef, state = nnx.split(self.layers)
+        return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(self.config.num_hidden_layers)]
+
+    def _run_layers(self, x, positions, query_slots, key_valid, cache_kv, layers=None):
         graphdef, state = nnx.split(self.layers)
 
         def body(hidden, layer_inputs):
-            layer_state, kv = layer_inputs
-            layer = nnx.merge(graphdef, layer_state)
+            layer, kv = layer_inputs
+            if not isinstance(layer, DecoderLayer):
+                layer = nnx.merge(graphdef, layer)
             hidden, router_logits, kv, dropped = layer(hidden, positions, query_slots, key_valid, kv)
             return hidden, (router_logits, kv, dropped)
 
         if self.config.remat_policy != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.config.remat_policy])
-        if self.config.scan_layers:
+        if self.config.scan_layers and layers is None:
             x, (router_logits, kv, dropped) = jax.lax.scan(body, x, (state, cache_kv))
             return x, router_logits, kv, dropped
         outputs = []
         for i in range(self.config.num_hidden_layers):
-            x, out = body(x, jax.tree.map(lambda a: a[i], (state, cache_kv)))
+            layer = layers[i] if layers is not None else jax.tree.map(lambda a: a[i], state)
+            x, out = body(x, (layer, jax.tree.map(lambda a: a[i], cache_kv)))
             outputs.append(out)
         router_logits, kv, dropped = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
         return x, router_logits, kv, dropped

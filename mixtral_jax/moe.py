@@ -10,13 +10,14 @@ All backends compute `sum_j w_j * expert_{e_j}(x)` over the top-k experts `e_j` 
 * `capacity`: each expert takes at most `capacity` assignments per sequence (GShard), the rest are dropped
   (their contribution is zero, the residual stream carries the token on). Dispatch and combine are gathers.
 
-Every data movement is a gather: scatters of rows are slow on CPU, and each gather here has a gather as its
-transpose, because the token permutations are bijections.
+Tokens move by gathers, never scatters of rows (slow on CPU): in the dropless backend every move is a
+permutation whose gradient is the gather by the inverse permutation (`permute_rows`).
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -78,54 +79,117 @@ def dropless_experts(x, expert_ids, expert_weights, w1, w2, w3, config: MixtralC
     k, num_experts = expert_ids.shape[-1], w1.shape[0]
     flat_ids = expert_ids.reshape(-1)                        # assignment a = token * k + j
     order = jnp.argsort(flat_ids, stable=True)               # assignments grouped by expert, token order inside
+    inverse = jnp.argsort(order)
     group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
-    sorted_x = x.reshape(-1, d)[order // k]
+    sorted_x = permute_rows(jnp.repeat(x.reshape(-1, d), k, axis=0), order, inverse)
     if config.grouped_matmul == "ragged_dot":
         matmul = lambda lhs, w: jax.lax.ragged_dot(lhs, w, group_sizes)
     else:
         matmul = lambda lhs, w: blocked_grouped_matmul(lhs, w, group_sizes, config.moe_block_size)
     sorted_out = _swiglu(sorted_x, w1, w3, w2, matmul)
-    inverse = jnp.argsort(order)
-    per_assignment = sorted_out[inverse].reshape(b, s, k, d)
+    per_assignment = permute_rows(sorted_out, inverse, order).reshape(b, s, k, d)
     return jnp.einsum("bskd,bsk->bsd", per_assignment, expert_weights)
+
+
+@jax.custom_vjp
+def permute_rows(x: jax.Array, permutation: jax.Array, inverse: jax.Array) -> jax.Array:
+    """x[permutation], whose transpose is the gather by the inverse permutation (not a scatter-add)."""
+    return x[permutation]
+
+
+def _permute_rows_forward(x, permutation, inverse):
+    return x[permutation], (permutation, inverse)
+
+
+def _permute_rows_backward(residuals, grad):
+    _, inverse = residuals
+    return grad[inverse], None, None
+
+
+permute_rows.defvjp(_permute_rows_forward, _permute_rows_backward)
 
 
 def blocked_grouped_matmul(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array, block: int) -> jax.Array:
     """rows [M, K] sorted by group, weights [G, K, N] -> [M, N], row i multiplied by its group's weight.
 
-    Each group is padded to whole blocks of `block` rows, so every block belongs to one group; a scan over the
-    blocks multiplies each by its group's weight and skips the unused tail. Work is the real rows plus at most
-    one partial block per group, against ragged_dot's every-row-by-every-group on CPU.
+    A loop over the non-empty groups, and inside it over the group's rows in blocks: each expert's weight is
+    read once per call, and the work is the real rows plus at most one partial block per group (ragged_dot
+    on CPU multiplies every row by every group). Its gradient is the same loop: dRows is the grouped product
+    with the transposed weights, dWeights a per-group sum of block outer products.
     """
-    m, _ = rows.shape
-    num_groups, _, n = weights.shape
-    num_blocks = -(-m // block) + num_groups  # each group adds at most one partial block
-    padded_sizes = -(-group_sizes // block) * block
-    padded_end = jnp.cumsum(padded_sizes)
-    padded_start = padded_end - padded_sizes
-    start = jnp.cumsum(group_sizes) - group_sizes
+    return _blocked_gmm(rows, weights, group_sizes, _effective_block(rows.shape[0], block))
 
-    block_group = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right")
-    block_used = block_group < num_groups
-    block_group = jnp.minimum(block_group, num_groups - 1)
 
-    slot = jnp.arange(num_blocks * block)
-    slot_group = block_group[slot // block]
-    slot_rank = slot - padded_start[slot_group]
-    slot_valid = block_used[slot // block] & (slot_rank < group_sizes[slot_group])
-    source_row = jnp.clip(start[slot_group] + slot_rank, 0, m - 1)
-    padded = jnp.where(slot_valid[:, None], rows[source_row], 0).reshape(num_blocks, block, -1)
+def _effective_block(rows: int, block: int) -> int:
+    """Few rows (decoding) get small blocks, so a one-token step does not compute a whole block per expert."""
+    return max(1, min(block, 1 << (max(rows, 1) - 1).bit_length()))
 
-    def one_block(_, inputs):
-        x_block, group, used = inputs
-        out = jax.lax.cond(used, lambda: x_block @ weights[group], lambda: jnp.zeros((block, n), rows.dtype))
-        return None, out
 
-    _, out_blocks = jax.lax.scan(one_block, None, (padded, block_group, block_used))
-    row = jnp.arange(m)
-    row_group = jnp.searchsorted(start + group_sizes, row, side="right")
-    row_group = jnp.minimum(row_group, num_groups - 1)
-    return out_blocks.reshape(-1, n)[padded_start[row_group] + row - start[row_group]]
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked_gmm(rows, weights, group_sizes, block):
+    return _grouped_product(rows, weights, group_sizes, block, transpose_weights=False)
+
+
+def _blocked_gmm_forward(rows, weights, group_sizes, block):
+    return _blocked_gmm(rows, weights, group_sizes, block), (rows, weights, group_sizes)
+
+
+def _blocked_gmm_backward(block, residuals, grad):
+    rows, weights, group_sizes = residuals
+    return (_grouped_product(grad, weights, group_sizes, block, transpose_weights=True),
+            _grouped_weight_gradient(rows, grad, group_sizes, block), None)
+
+
+_blocked_gmm.defvjp(_blocked_gmm_forward, _blocked_gmm_backward)
+
+
+def _grouped_product(rows, weights, group_sizes, block, transpose_weights):
+    m = rows.shape[0]
+    n = weights.shape[1] if transpose_weights else weights.shape[2]
+    contract = (((1,), (1,)), ((), ())) if transpose_weights else (((1,), (0,)), ((), ()))
+    padded = jnp.pad(rows, ((0, block), (0, 0)))  # a group's last block may read past the end
+    starts = jnp.cumsum(group_sizes) - group_sizes
+
+    def group(g, out):
+        weight = weights[g]
+
+        def one_block(b, out):
+            # A partial last block also overwrites the first rows of later groups; those are written again,
+            # correctly, when their own group runs (groups run in order).
+            row = starts[g] + b * block
+            product = jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(padded, row, block), weight, contract)
+            return jax.lax.dynamic_update_slice_in_dim(out, product.astype(out.dtype), row, 0)
+
+        return jax.lax.fori_loop(0, -(-group_sizes[g] // block), one_block, out)
+
+    def maybe_group(g, out):
+        return jax.lax.cond(group_sizes[g] > 0, group, lambda g, out: out, g, out)
+
+    out = jax.lax.fori_loop(0, weights.shape[0], maybe_group, jnp.zeros((m + block, n), rows.dtype))
+    return out[:m]
+
+
+def _grouped_weight_gradient(rows, grad, group_sizes, block):
+    """[G, K, N]: for each group, the sum over its rows of outer(rows, grad), accumulated in fp32."""
+    k, n = rows.shape[1], grad.shape[1]
+    rows_padded = jnp.pad(rows, ((0, block), (0, 0)))
+    grad_padded = jnp.pad(grad, ((0, block), (0, 0)))
+    starts = jnp.cumsum(group_sizes) - group_sizes
+
+    def group(g, result):
+        def one_block(b, acc):
+            row = starts[g] + b * block
+            valid = b * block + jnp.arange(block) < group_sizes[g]
+            lhs = jnp.where(valid[:, None], jax.lax.dynamic_slice_in_dim(rows_padded, row, block), 0)
+            rhs = jax.lax.dynamic_slice_in_dim(grad_padded, row, block)
+            return acc + jax.lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())),
+                                             preferred_element_type=jnp.float32)
+
+        acc = jax.lax.fori_loop(0, -(-group_sizes[g] // block), one_block, jnp.zeros((k, n), jnp.float32))
+        return result.at[g].set(acc.astype(result.dtype))
+
+    return jax.lax.fori_loop(0, group_sizes.shape[0], group,
+                             jnp.zeros((group_sizes.shape[0], k, n), rows.dtype))
 
 
 # ------------------------------------------------------------------------------------------------ capacity
