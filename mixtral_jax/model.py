@@ -17,6 +17,7 @@ from flax import nnx
 from mixtral_jax.attention import Attention
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.moe import SparseMoE
+from mixtral_jax.sharding import constrain
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -120,11 +121,11 @@ class Mixtral(nnx.Module):
             key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask, cache.length, axis=1)
             cache_kv = (cache.keys, cache.values)
 
-        x = self.embed_tokens[...].astype(dtype)[input_ids]
+        x = constrain(self.embed_tokens[...].astype(dtype)[input_ids], ("batch", "length", "act_embed"))
         x, router_logits, new_kv, dropped = self._run_layers(x, positions, query_slots, key_valid, cache_kv, layers)
         x = self.norm(x)
         head = self.embed_tokens[...].T if cfg.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype))
+        logits = constrain(jnp.einsum("btd,dv->btv", x, head.astype(dtype)), ("batch", "length", "act_vocab"))
 
         new_cache = None
         if cache is not None:

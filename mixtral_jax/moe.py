@@ -23,7 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax.sharding import PartitionSpec
+
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.sharding import active_mesh, constrain, logical_to_spec
 
 
 class SparseMoE(nnx.Module):
@@ -47,6 +50,9 @@ class SparseMoE(nnx.Module):
         w1, w2, w3 = (w[...].astype(dtype) for w in (self.w1, self.w2, self.w3))
         if cfg.moe_backend == "dense":
             out, dropped = dense_experts(x, expert_ids, expert_weights, w1, w2, w3), jnp.int32(0)
+        elif cfg.moe_backend == "dropless" and active_mesh() is not None and active_mesh()[0].shape["expert"] > 1:
+            out = dropless_expert_parallel(x, expert_ids, expert_weights, w1, w2, w3, cfg, *active_mesh())
+            dropped = jnp.int32(0)
         elif cfg.moe_backend == "dropless":
             out, dropped = dropless_experts(x, expert_ids, expert_weights, w1, w2, w3, cfg), jnp.int32(0)
         else:
@@ -89,6 +95,67 @@ def dropless_experts(x, expert_ids, expert_weights, w1, w2, w3, config: MixtralC
     sorted_out = _swiglu(sorted_x, w1, w3, w2, matmul)
     per_assignment = permute_rows(sorted_out, inverse, order).reshape(b, s, k, d)
     return jnp.einsum("bskd,bsk->bsd", per_assignment, expert_weights)
+
+
+def dropless_expert_parallel(x, expert_ids, expert_weights, w1, w2, w3, config: MixtralConfig, mesh, rules):
+    """Dropless experts with the experts split over the mesh's `expert` axis (shard_map, explicit all-to-all).
+
+    Each device sorts its own assignments by expert and sends every expert shard the rows that belong to it,
+    in a buffer as long as all its assignments (so nothing is ever dropped, whatever the routing); the
+    receiver regroups the rows by its local experts, runs the grouped products, and the results travel back
+    by the reverse all-to-all. With a `tensor` axis the expert width is split too, and partial outputs summed.
+    """
+    b, s, d = x.shape
+    tokens_spec = logical_to_spec(("batch", None, None), x.shape, mesh, rules)
+    w13_spec = logical_to_spec(("experts", None, "mlp"), w1.shape, mesh, rules)
+    w2_spec = logical_to_spec(("experts", "mlp", None), w2.shape, mesh, rules)
+    width_split = w13_spec[2] is not None
+    shards = mesh.shape["expert"]
+    matmul_kind = config.grouped_matmul
+
+    def local(x, ids, weights, w1, w2, w3):
+        lb, ls, _ = x.shape
+        k, local_experts = ids.shape[-1], w1.shape[0]
+        flat_ids = ids.reshape(-1)
+        m = flat_ids.shape[0]
+        order = jnp.argsort(flat_ids, stable=True)
+        inverse = jnp.argsort(order)
+        sorted_x = permute_rows(jnp.repeat(x.reshape(-1, d), k, axis=0), order, inverse)
+        counts = jnp.bincount(flat_ids, length=shards * local_experts).reshape(shards, local_experts)
+        shard_counts = counts.sum(axis=1)
+        shard_start = jnp.cumsum(shard_counts) - shard_counts
+        slot = jnp.arange(m)
+        send_valid = slot[None, :] < shard_counts[:, None]                            # [shards, m]
+        send_rows = jnp.clip(shard_start[:, None] + slot[None, :], 0, m - 1)
+        send = jnp.where(send_valid[..., None], sorted_x[send_rows], 0)               # [shards, m, d]
+        received = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)               # [sources, m, d]
+        received_counts = jax.lax.all_to_all(counts, "expert", 0, 0, tiled=True)      # [sources, local_experts]
+
+        # Regroup the received rows by local expert (padding rows last, as a group of their own).
+        source_ends = jnp.cumsum(received_counts, axis=1)
+        row_expert = jax.vmap(lambda ends: jnp.searchsorted(ends, slot, side="right"))(source_ends).reshape(-1)
+        regroup = jnp.argsort(row_expert, stable=True)
+        ungroup = jnp.argsort(regroup)
+        rows = permute_rows(received.reshape(-1, d), regroup, ungroup)
+        group_sizes = received_counts.sum(axis=0).astype(jnp.int32)
+        if matmul_kind == "ragged_dot":
+            matmul = lambda lhs, w: jax.lax.ragged_dot(lhs, w, group_sizes)
+        else:
+            matmul = lambda lhs, w: blocked_grouped_matmul(lhs, w, group_sizes, config.moe_block_size)
+        out = _swiglu(rows, w1, w3, w2, matmul)
+        if width_split:
+            out = jax.lax.psum(out, "tensor")
+        out = permute_rows(out, ungroup, regroup).reshape(shards, m, d)
+        returned = jax.lax.all_to_all(out, "expert", 0, 0, tiled=True)               # [shards, m, d]
+        destination = jnp.searchsorted(jnp.cumsum(shard_counts), slot, side="right")
+        destination = jnp.minimum(destination, shards - 1)
+        sorted_out = returned[destination, slot - shard_start[destination]]
+        per_assignment = permute_rows(sorted_out, inverse, order).reshape(lb, ls, k, d)
+        return jnp.einsum("bskd,bsk->bsd", per_assignment, weights)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(tokens_spec, tokens_spec, tokens_spec, w13_spec, w2_spec,
+                                                     w13_spec),
+                         out_specs=tokens_spec, check_vma=False)(x, expert_ids, expert_weights, w1, w2, w3)
 
 
 @jax.custom_vjp
@@ -221,8 +288,12 @@ def capacity_experts(x, expert_ids, expert_weights, w1, w2, w3, capacity_factor)
     slot_token, slot_valid, assignment_slot, kept = jax.vmap(dispatch)(expert_ids)
     dispatched = jnp.take_along_axis(x, slot_token.reshape(b, -1, 1), axis=1).reshape(b, num_experts, capacity, d)
     dispatched = jnp.where(slot_valid[..., None], dispatched, 0)
+    # With experts sharded, these two constraints make GSPMD move the slots to their experts' devices and
+    # back (all-to-all over the expert axis).
+    dispatched = constrain(dispatched, ("exp_batch", "act_experts", None, "act_embed"))
     matmul = lambda lhs, w: jnp.einsum("becd,edf->becf", lhs, w)
-    expert_out = _swiglu(dispatched, w1, w3, w2, matmul).reshape(b, num_experts * capacity, d)
+    expert_out = constrain(_swiglu(dispatched, w1, w3, w2, matmul), ("exp_batch", "act_experts", None, "act_embed"))
+    expert_out = constrain(expert_out.reshape(b, num_experts * capacity, d), ("batch", None, "act_embed"))
     per_assignment = jnp.take_along_axis(expert_out, assignment_slot[..., None], axis=1)
     per_assignment = jnp.where(kept[..., None], per_assignment, 0).reshape(b, s, k, d)
     dropped = jnp.sum(~kept).astype(jnp.int32)
