@@ -15,11 +15,13 @@ USER_ERRORS = (ConfigError, CheckpointError, TokenizerError, FileNotFoundError, 
 def build_parser() -> argparse.ArgumentParser:
     from convert.cli import register as register_convert
     from mixtral_jax.generate_cli import register as register_generate
+    from train.cli import register as register_train
 
     parser = argparse.ArgumentParser(prog="mixtral-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     register_generate(commands)
     register_convert(commands)
+    register_train(commands)
     return parser
 
 

@@ -50,7 +50,8 @@ class SparseMoE(nnx.Module):
         w1, w2, w3 = (w[...].astype(dtype) for w in (self.w1, self.w2, self.w3))
         if cfg.moe_backend == "dense":
             out, dropped = dense_experts(x, expert_ids, expert_weights, w1, w2, w3), jnp.int32(0)
-        elif cfg.moe_backend == "dropless" and active_mesh() is not None and active_mesh()[0].shape["expert"] > 1:
+        elif cfg.moe_backend == "dropless" and active_mesh() is not None:
+            # On a mesh each device sorts only its own tokens (a global sort would gather the whole batch).
             out = dropless_expert_parallel(x, expert_ids, expert_weights, w1, w2, w3, cfg, *active_mesh())
             dropped = jnp.int32(0)
         elif cfg.moe_backend == "dropless":
@@ -100,7 +101,8 @@ def dropless_experts(x, expert_ids, expert_weights, w1, w2, w3, config: MixtralC
 def dropless_expert_parallel(x, expert_ids, expert_weights, w1, w2, w3, config: MixtralConfig, mesh, rules):
     """Dropless experts with the experts split over the mesh's `expert` axis (shard_map, explicit all-to-all).
 
-    Each device sorts its own assignments by expert and sends every expert shard the rows that belong to it,
+    Each device sorts its own assignments by expert and sends every expert shard the rows that belong to it
+    (with an expert axis of 1 the exchange is the identity, and this is plain data-parallel dropless),
     in a buffer as long as all its assignments (so nothing is ever dropped, whatever the routing); the
     receiver regroups the rows by its local experts, runs the grouped products, and the results travel back
     by the reverse all-to-all. With a `tensor` axis the expert width is split too, and partial outputs summed.

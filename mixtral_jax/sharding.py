@@ -125,9 +125,13 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules: Mapping | None = None)
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping | None = None) -> nnx.Module:
-    """Moves every parameter onto the mesh with its sharding (in place; returns the model)."""
-    state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, param_shardings(model, mesh, rules)))
+    """Moves every parameter onto the mesh with its sharding (in place; returns the model). Each process
+    supplies its own devices' slices, so this works on a multi-host mesh too (same values on every host)."""
+    place = param_placer(model, mesh, rules)
+    for path, variable in nnx.iter_graph(model):
+        if isinstance(variable, nnx.Variable):
+            name = ".".join(str(p) for p in path)
+            variable.set_value(place(name, np.asarray(jax.device_get(variable.get_value()))))
     return model
 
 

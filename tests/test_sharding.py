@@ -46,8 +46,10 @@ def test_sharded_loss_and_gradients_equal_one_device(single_device, batch, spec,
     step = make_train_step(model, optax.sgd(0.1), mesh, BATCH)
     params = jax.device_put(nnx.split(model, nnx.Param)[1], step.param_shardings)
     grads, metrics = step.grads(params, batch)
+    evaluated = step.evaluate(params, batch)
     for key in ("loss", "aux_loss"):
         assert abs(float(metrics[key]) - float(ref_metrics[key])) < 1e-5, key
+        assert abs(float(evaluated[key]) - float(ref_metrics[key])) < 1e-5, key
     for (path, ours), ref in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 

@@ -19,6 +19,7 @@ BATCH_KEYS = ("input_ids", "labels", "attention_mask")
 class TrainStep(NamedTuple):
     step: Callable             # (params, opt_state, batch) -> (params, opt_state, metrics); donates its inputs
     grads: Callable            # (params, batch) -> (grads, metrics)
+    evaluate: Callable         # (params, batch) -> metrics, no gradients
     init_opt_state: Callable   # params -> opt_state, placed with its shardings
     param_shardings: nnx.State
     opt_shardings: object
@@ -38,13 +39,13 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
                                         transform_non_params=lambda _: replicated)
     b_shardings = {key: named_sharding(BATCH_AXES, batch_shape, mesh, rules) for key in BATCH_KEYS}
 
-    def loss_and_grads(params, batch):
-        def loss_fn(params):
-            with use_mesh(mesh, rules):
-                return training_loss(nnx.merge(graphdef, params), batch["input_ids"], batch["labels"],
-                                     batch["attention_mask"])
+    def loss_fn(params, batch):
+        with use_mesh(mesh, rules):
+            return training_loss(nnx.merge(graphdef, params), batch["input_ids"], batch["labels"],
+                                 batch["attention_mask"])
 
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    def loss_and_grads(params, batch):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         return grads, metrics
 
     def train_step(params, opt_state, batch):
@@ -58,5 +59,7 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
                      out_shardings=(p_shardings, o_shardings, replicated), donate_argnums=(0, 1)),
         grads=jax.jit(loss_and_grads, in_shardings=(p_shardings, b_shardings),
                       out_shardings=(p_shardings, replicated)),
+        evaluate=jax.jit(lambda params, batch: loss_fn(params, batch)[1], in_shardings=(p_shardings, b_shardings),
+                         out_shardings=replicated),
         init_opt_state=jax.jit(optimizer.init, in_shardings=(p_shardings,), out_shardings=o_shardings),
         param_shardings=p_shardings, opt_shardings=o_shardings, batch_shardings=b_shardings)

@@ -1,0 +1,91 @@
+"""`mixtral-jax plan ...`: the per-device memory of a train step, from compiling it on a simulated mesh."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+_CHILD = "MIXTRAL_JAX_PLAN_CHILD"  # set in the re-run, so that it never re-runs itself again
+
+
+def register(commands) -> None:
+    p = commands.add_parser(
+        "plan", help="per-device memory of a train step, compiled (not run) on a simulated CPU mesh",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Lowers and compiles the real-size train step on N simulated CPU devices (N: the mesh "
+                    "spec's product, or --devices) and prints the per-device bytes of parameters, optimizer "
+                    "state and temporaries, checked against a hand count, and which chips they fit.")
+    p.add_argument("--preset", default="mixtral-8x7b", help="config preset (mixtral_jax/presets/NAME.yaml)")
+    p.add_argument("--mesh", default="fsdp=2,expert=4",
+                   help="mesh spec axis=size over data, fsdp, expert, tensor (-1 only with --devices)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (global)")
+    p.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
+    p.add_argument("--devices", type=int, default=None, help="simulated devices (default: the mesh's product)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw"])
+    p.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16", "param"],
+                   help="dtype of AdamW's mu and nu ('param': the parameters' dtype, optax's default)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the plan as JSON to OUT ('-': stdout "
+                                                               "instead of the table)")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. remat_policy=dots)")
+    p.set_defaults(run=run)
+
+
+def _argv(args) -> list[str]:
+    argv = ["plan", "--preset", args.preset, "--mesh", args.mesh, "--batch", str(args.batch), "--seq",
+            str(args.seq), "--optimizer", args.optimizer, "--state-dtype", args.state_dtype]
+    if args.devices is not None:
+        argv += ["--devices", str(args.devices)]
+    if args.json is not None:
+        argv += ["--json", args.json]
+    return argv + list(args.overrides)
+
+
+def _rerun(args, count: int) -> int:
+    """Runs this plan again in a fresh interpreter whose jax starts with `count` CPU devices."""
+    from train.plan import with_device_count
+
+    env = {**os.environ, _CHILD: "1", "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": with_device_count(os.environ.get("XLA_FLAGS", ""), count)}
+    return subprocess.run([sys.executable, "-m", "mixtral_jax.cli", *_argv(args)], env=env).returncode
+
+
+def run(args) -> int:
+    import jax
+    from jax._src import xla_bridge
+
+    from mixtral_jax.config import MixtralConfig, parse_overrides
+    from mixtral_jax.sharding import MeshError
+    from train.plan import ensure_cpu_devices, format_plan, mesh_device_count, plan
+
+    config = MixtralConfig.from_preset(args.preset, parse_overrides(args.overrides))
+    count = mesh_device_count(args.mesh, args.devices)
+    if not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_platforms", "cpu")  # a simulation: never take an accelerator a job may be using
+    devices = ensure_cpu_devices(count)
+    if devices is None:
+        if os.environ.get(_CHILD):
+            raise MeshError(f"could not start {count} simulated CPU devices (XLA_FLAGS="
+                            f"{os.environ.get('XLA_FLAGS', '')!r})")
+        return _rerun(args, count)
+
+    def progress(message):
+        print(message, file=sys.stderr, flush=True)
+
+    result = plan(config, args.mesh, args.batch, args.seq, devices=devices, optimizer=args.optimizer,
+                  state_dtype=args.state_dtype, preset=args.preset, overrides=args.overrides, progress=progress)
+    if args.json == "-":
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(format_plan(result))
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(result.to_json(), f, indent=2)
+                f.write("\n")
+    if not result.hand["matches"]:
+        print(f"mixtral-jax plan: warning: compiled arguments ({result.bytes['arguments']} bytes) differ from the "
+              f"hand count ({result.hand['arguments']} bytes) by {100 * result.hand['relative_difference']:.1f}%",
+              file=sys.stderr)
+    return 0

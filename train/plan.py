@@ -1,0 +1,326 @@
+"""Memory plans: compile (never run) the real-size train step on a simulated mesh and read its memory analysis.
+
+The model is built abstractly (`nnx.eval_shape`), parameters, optimizer state and batch reach `.lower()` as
+`jax.ShapeDtypeStruct`s carrying their shardings, and XLA's buffer assignment of the compiled step gives the
+bytes each device needs. The figures are per device. They are checked against a count by hand: the
+parameter shapes written out from the config fields, divided by the shards their partition specs make.
+
+On CPU a mesh of N devices needs `XLA_FLAGS=--xla_force_host_platform_device_count=N` before jax starts its
+backends; `ensure_cpu_devices` sets it when it still can (see `train/cli.py` for the re-run when it cannot).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import resource
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from mixtral_jax.config import MixtralConfig
+from mixtral_jax.model import Mixtral
+from mixtral_jax.sharding import MESH_AXES, MeshError, default_rules, make_mesh, parse_mesh_spec
+from train.step import BATCH_KEYS, make_train_step
+
+GiB = 2 ** 30
+# HBM per chip, as the vendors state it (GiB: these are binary sizes). Runtimes keep a little for themselves.
+CHIPS = (("TPU v4", 32), ("TPU v5e", 16), ("TPU v5p", 95), ("TPU v6e", 32), ("H100", 80))
+HAND_COUNT_TOLERANCE = 0.03  # compiled argument bytes vs the hand count (relative)
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+# ------------------------------------------------------------------------------------------------ devices
+def mesh_device_count(spec: str, devices: int | None = None) -> int:
+    """The devices a mesh spec needs: its product, or `devices` (checked against the spec)."""
+    if devices is not None:
+        if devices <= 0:
+            raise MeshError(f"--devices must be positive, got {devices}")
+        parse_mesh_spec(spec, devices)
+        return devices
+    names = [part.partition("=")[0].strip() for part in spec.split(",") if part.strip()]
+    for name in names:
+        if names.count(name) > 1:
+            raise MeshError(f"mesh spec '{spec}' names axis '{name}' twice")
+    try:
+        sizes = [int(part.partition("=")[2]) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        sizes = [1]
+    if -1 in sizes:
+        raise MeshError(f"mesh spec '{spec}' has a -1 axis: give the device count with --devices")
+    count = math.prod(sizes) if sizes and all(s > 0 for s in sizes) else 1
+    parse_mesh_spec(spec, count)  # the spec's own errors (unknown axis, bad size), in its words
+    return count
+
+
+def _requested_cpu_devices() -> int:
+    match = re.search(rf"{_DEVICE_COUNT_FLAG}=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    return int(match.group(1)) if match else 1
+
+
+def with_device_count(flags: str, count: int) -> str:
+    """XLA_FLAGS text with the simulated CPU device count set to `count`."""
+    flags = re.sub(rf"{_DEVICE_COUNT_FLAG}=\S*", "", flags).strip()
+    return f"{flags} {_DEVICE_COUNT_FLAG}={count}".strip()
+
+
+def ensure_cpu_devices(count: int) -> list[jax.Device] | None:
+    """`count` CPU devices. Before jax has started its backends this raises the simulated device count in
+    XLA_FLAGS (never lowers it) and so always succeeds; afterwards it returns None when there are too few."""
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized() and _requested_cpu_devices() < count:
+        os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""), count)
+    devices = jax.devices("cpu")
+    return devices[:count] if len(devices) >= count else None
+
+
+# ------------------------------------------------------------------------------------------------ optimizer
+def state_in_dtype(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """`inner` with its state kept in `dtype` (fp32 moments for bf16 parameters); updates come back in the
+    gradients' dtype. optax's adamw keeps `nu` in the parameters' dtype whatever `mu_dtype` says."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(tree):
+        return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init(params):
+        return inner.init(cast(params))
+
+    def update(updates, state, params=None):
+        new, state = inner.update(cast(updates), state, None if params is None else cast(params))
+        return jax.tree.map(lambda u, g: u.astype(g.dtype), new, updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(name: str = "adamw", state_dtype: str = "float32") -> optax.GradientTransformation:
+    if name != "adamw":
+        raise ValueError(f"unknown optimizer '{name}' (known: adamw)")
+    optimizer = optax.adamw(1e-4, weight_decay=0.0)  # the learning rate does not change the memory
+    return optimizer if state_dtype == "param" else state_in_dtype(optimizer, state_dtype)
+
+
+# ------------------------------------------------------------------------------------------------ hand count
+def config_param_shapes(config: MixtralConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape written out from the config fields (stacked layers lead with L)."""
+    v, d, f = config.vocab_size, config.hidden_size, config.intermediate_size
+    l, h, kv, hd = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, \
+        config.resolved_head_dim
+    e = config.num_local_experts
+    shapes = {
+        "embed_tokens": (v, d),
+        "layers.input_layernorm.weight": (l, d),
+        "layers.self_attn.q_proj": (l, d, h, hd),
+        "layers.self_attn.k_proj": (l, d, kv, hd),
+        "layers.self_attn.v_proj": (l, d, kv, hd),
+        "layers.self_attn.o_proj": (l, h, hd, d),
+        "layers.post_attention_layernorm.weight": (l, d),
+        "layers.block_sparse_moe.gate": (l, d, e),
+        "layers.block_sparse_moe.w1": (l, e, d, f),
+        "layers.block_sparse_moe.w3": (l, e, d, f),
+        "layers.block_sparse_moe.w2": (l, e, f, d),
+        "norm.weight": (d,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (d, v)
+    return shapes
+
+
+def config_param_count(config: MixtralConfig) -> int:
+    """V*D + D*V (untied) + L*(q, k, v, o + router D*E + experts 3*E*D*F + two norms D) + final norm D."""
+    return sum(math.prod(shape) for shape in config_param_shapes(config).values())
+
+
+def _shards(sharding: NamedSharding) -> int:
+    """Distinct pieces a sharded array is cut into: the product of the mesh axes its partition spec names."""
+    axes = [a for entry in sharding.spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)]
+    return math.prod(sharding.mesh.shape[a] for a in axes)
+
+
+def _per_device(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard, per array)."""
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+               for leaf in jax.tree.leaves(tree))
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+@dataclasses.dataclass
+class Plan:
+    preset: str
+    overrides: list[str]
+    mesh: dict[str, int]
+    devices: int
+    batch: int
+    seq: int
+    optimizer: str
+    state_dtype: str
+    param_dtype: str
+    remat_policy: str
+    moe_backend: str
+    param_count: int
+    bytes: dict[str, int]        # per device, from the abstract shapes and from the compiled memory analysis
+    hand: dict[str, Any]         # the hand count, per device
+    fits: dict[str, dict]
+    lower_seconds: float
+    compile_seconds: float
+    host_peak_rss_bytes: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def plan(config: MixtralConfig, mesh_spec: str, batch: int, seq: int, *, devices: Sequence[jax.Device] | None = None,
+         optimizer: str = "adamw", state_dtype: str = "float32", preset: str = "", overrides: Sequence[str] = (),
+         progress: Callable[[str], None] | None = None) -> Plan:
+    """Lowers and compiles the train step for `config` on the mesh `mesh_spec` over `devices` (default: as many
+    CPU devices as the spec names) with a [batch, seq] batch, and returns its per-device memory figures."""
+    if batch <= 0 or seq <= 0:
+        raise ValueError(f"--batch and --seq must be positive, got {batch} and {seq}")
+    if devices is None:
+        count = mesh_device_count(mesh_spec)
+        devices = ensure_cpu_devices(count)
+        if devices is None:
+            raise MeshError(f"{count} simulated CPU devices are needed but jax started with "
+                            f"{len(jax.devices('cpu'))}; set XLA_FLAGS={_DEVICE_COUNT_FLAG}={count}")
+    mesh = make_mesh(mesh_spec, devices=devices, config=config)
+    batch_shards = math.prod(mesh.shape[a] for a in default_rules()["batch"])
+    if batch % batch_shards:
+        raise MeshError(f"--batch {batch} is not divisible by data x fsdp x expert = {batch_shards}, "
+                        f"the axes the batch is split over")
+
+    model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))  # shapes only, nothing allocated
+    tx = make_optimizer(optimizer, state_dtype)
+    step = make_train_step(model, tx, mesh, (batch, seq))
+    _, abstract_params = nnx.split(model, nnx.Param)
+
+    def sharded(leaf, sharding):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    params = jax.tree.map(sharded, abstract_params, step.param_shardings)
+    opt_state = jax.tree.map(sharded, jax.eval_shape(tx.init, abstract_params), step.opt_shardings)
+    batch_in = {key: jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=step.batch_shardings[key])
+                for key in BATCH_KEYS}
+
+    hand = hand_count(config, params, batch_in, mesh, state_dtype)
+    if progress:
+        progress(f"compiling the {preset or 'model'} train step for {len(devices)} simulated devices "
+                 f"(mesh {_mesh_text(mesh)}, batch {batch} x {seq}); this can take a minute ...")
+    start = time.perf_counter()
+    lowered = step.step.lower(params, opt_state, batch_in)
+    lower_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    if memory is None:
+        raise RuntimeError(f"the {jax.default_backend()} compiler gives no memory analysis")
+
+    figures = {
+        "params": _per_device(params),
+        "optimizer": _per_device(opt_state),
+        "batch": _per_device(batch_in),
+        "arguments": int(memory.argument_size_in_bytes),
+        "outputs": int(memory.output_size_in_bytes),
+        "aliased": int(memory.alias_size_in_bytes),
+        "temporaries": int(memory.temp_size_in_bytes),
+        "generated_code": int(memory.generated_code_size_in_bytes),
+    }
+    # Donated parameters and optimizer state are written in place: an output that aliases an argument
+    # needs no buffer of its own. Live at the peak: the arguments, the temporaries, the other outputs.
+    figures["outputs_not_aliased"] = figures["outputs"] - figures["aliased"]
+    figures["total"] = (figures["arguments"] + figures["temporaries"] + figures["outputs_not_aliased"]
+                        + figures["generated_code"])
+    hand["compiled_arguments"] = figures["arguments"]
+    hand["relative_difference"] = abs(figures["arguments"] - hand["arguments"]) / max(hand["arguments"], 1)
+    hand["matches"] = (hand["relative_difference"] <= HAND_COUNT_TOLERANCE
+                       and hand["params"] == figures["params"])
+    fits = {name: {"hbm_gib": hbm, "fits": figures["total"] <= hbm * GiB,
+                   "headroom_gib": round(hbm - figures["total"] / GiB, 2)} for name, hbm in CHIPS}
+    return Plan(preset=preset, overrides=list(overrides), mesh=dict(mesh.shape), devices=len(devices), batch=batch,
+                seq=seq, optimizer=optimizer, state_dtype=config.param_dtype if state_dtype == "param" else state_dtype,
+                param_dtype=config.param_dtype, remat_policy=config.remat_policy, moe_backend=config.moe_backend,
+                param_count=hand["param_count"], bytes=figures, hand=hand, fits=fits,
+                lower_seconds=round(lower_seconds, 3), compile_seconds=round(compile_seconds, 3),
+                host_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def hand_count(config: MixtralConfig, params, batch_in: Mapping, mesh: Mesh, state_dtype: str) -> dict[str, Any]:
+    """Per-device bytes counted by hand: each parameter's size from the config formula, times its dtype's bytes,
+    over the number of shards its partition spec cuts it into; AdamW's mu and nu alike in `state_dtype`,
+    plus the step count; the batch's three int32 [B, S] arrays over the batch axes."""
+    shapes = config_param_shapes(config)
+    flat = {".".join(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(params)}
+    flat = {name: (leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf) for name, leaf in flat.items()}
+    if set(flat) != set(shapes) or any(tuple(flat[n].shape) != shapes[n] for n in shapes):
+        mismatched = sorted(n for n in set(flat) | set(shapes)
+                            if n not in flat or n not in shapes or tuple(flat[n].shape) != shapes[n])
+        raise AssertionError(f"the model's parameters differ from the config formula at {', '.join(mismatched)}")
+    param_bytes = jnp.dtype(config.param_dtype).itemsize
+    state_bytes = param_bytes if state_dtype == "param" else jnp.dtype(state_dtype).itemsize
+    # The shipped rules only split a dimension over mesh axes that divide it, so these divisions are exact.
+    per_device_elements = sum(math.prod(shape) // _shards(flat[name].sharding) for name, shape in shapes.items())
+    params_per_device = per_device_elements * param_bytes
+    optimizer_per_device = 2 * per_device_elements * state_bytes + 4  # mu, nu; the int32 step count
+    batch_shards = _shards(next(iter(batch_in.values())).sharding)
+    batch_per_device = len(batch_in) * math.prod(next(iter(batch_in.values())).shape) * 4 // batch_shards
+    return {"param_count": config_param_count(config), "params": params_per_device,
+            "optimizer": optimizer_per_device, "batch": batch_per_device,
+            "arguments": params_per_device + optimizer_per_device + batch_per_device,
+            "gradients": params_per_device}  # one per parameter, sharded alike: part of the temporaries
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _mesh_text(mesh_or_sizes) -> str:
+    sizes = dict(mesh_or_sizes.shape) if isinstance(mesh_or_sizes, Mesh) else mesh_or_sizes
+    return ",".join(f"{axis}={sizes[axis]}" for axis in MESH_AXES)
+
+
+def _gib(value: float) -> str:
+    return f"{value / GiB:9.3f}"
+
+
+def _count_text(count: int) -> str:
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.2f}M"
+
+
+def format_plan(p: Plan) -> str:
+    b, h = p.bytes, p.hand
+    lines = [
+        f"plan: {p.preset or 'model'}{' ' + ' '.join(p.overrides) if p.overrides else ''}: "
+        f"{_count_text(p.param_count)} parameters in {p.param_dtype}, {p.optimizer} with {p.state_dtype} mu and nu, "
+        f"remat {p.remat_policy}, moe {p.moe_backend}",
+        f"mesh {_mesh_text(p.mesh)} on {p.devices} simulated devices; batch {p.batch} x {p.seq} tokens",
+        f"lowered in {p.lower_seconds:.1f} s, compiled in {p.compile_seconds:.1f} s; "
+        f"host peak RSS {p.host_peak_rss_bytes / GiB:.2f} GiB",
+        "",
+        "per device                      GiB    hand count",
+        f"  parameters              {_gib(b['params'])}    {_gib(h['params'])}",
+        f"  optimizer state         {_gib(b['optimizer'])}    {_gib(h['optimizer'])}",
+        f"  batch                   {_gib(b['batch'])}    {_gib(h['batch'])}",
+        f"  arguments (compiled)    {_gib(b['arguments'])}    {_gib(h['arguments'])}   "
+        f"difference {100 * h['relative_difference']:.2f}% ({'ok' if h['matches'] else 'MISMATCH'})",
+        f"  temporaries             {_gib(b['temporaries'])}    {_gib(h['gradients'])}   (the gradients alone)",
+        f"  outputs not aliased     {_gib(b['outputs_not_aliased'])}   "
+        f"(outputs {b['outputs'] / GiB:.2f}, aliased {b['aliased'] / GiB:.2f})",
+        f"  total                   {_gib(b['total'])}    = arguments + temporaries + outputs not aliased",
+        "",
+        "chip        HBM GiB   fits   headroom GiB",
+    ]
+    for name, fit in p.fits.items():
+        lines.append(f"  {name:<10}{fit['hbm_gib']:>7}   {'yes' if fit['fits'] else 'no ':<4}{fit['headroom_gib']:>12.2f}")
+    lines.append("(temporaries are XLA:CPU's buffer assignment, which keeps many bf16 values in f32; a TPU or GPU "
+                 "compile fuses and schedules differently)")
+    return "\n".join(lines)
+
+
+__all__ = ["CHIPS", "Plan", "config_param_count", "config_param_shapes", "ensure_cpu_devices", "format_plan",
+           "hand_count", "make_optimizer", "mesh_device_count", "plan", "state_in_dtype", "with_device_count"]
