@@ -468,3 +468,32 @@ def test_not_a_directory_and_empty_directory(tmp_path):
     with pytest.raises(CheckpointError) as err:
         from_pretrained(tmp_path / "empty")
     assert_one_clear_message(err, str(tmp_path / "empty"), "model.safetensors")
+
+
+def test_loading_streams_peak_host_memory_stays_near_the_model_size(tmp_path):
+    """A 160 MB fp32 checkpoint loads in a fresh process with peak RSS growth well under twice its size."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from convert.init import init_random
+
+    directory = str(tmp_path / "model")
+    init_random(directory, "tiny", seed=0, overrides=["hidden_size=256", "intermediate_size=1024",
+                                                      "num_hidden_layers=4", "num_attention_heads=8",
+                                                      "num_key_value_heads=4"])
+    model_bytes = os.path.getsize(os.path.join(directory, "model.safetensors"))
+    script = textwrap.dedent(f"""
+        import resource, jax, jax.numpy as jnp
+        import mixtral_jax as mj
+        jnp.ones(8).block_until_ready()  # backends up before the baseline
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        model = mj.from_pretrained({directory!r})
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(after - before)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    growth = int(result.stdout.strip().splitlines()[-1])
+    assert model_bytes > 150e6
+    assert growth < 1.5 * model_bytes, (growth, model_bytes)
