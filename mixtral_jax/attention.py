@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.lora import LoraConfig, adapter_of, attach, project
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float) -> jax.Array:
@@ -39,7 +40,7 @@ def attention_mask(query_slots: jax.Array, key_valid: jax.Array, sliding_window:
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: MixtralConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: MixtralConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         d, hd = config.hidden_size, config.resolved_head_dim
         h, kv = config.num_attention_heads, config.num_key_value_heads
         pdtype = jnp.dtype(config.param_dtype)
@@ -51,6 +52,11 @@ class Attention(nnx.Module):
         self.v_proj = nnx.Param(init(rngs.params(), (d, kv, hd), pdtype),
                                 logical_axes=("embed", "kv_heads", "head_dim"))
         self.o_proj = nnx.Param(init(rngs.params(), (h, hd, d), pdtype), logical_axes=("heads", "head_dim", "embed"))
+        self.lora = lora
+        for name in ("q_proj", "k_proj", "v_proj"):
+            weight = getattr(self, name)
+            attach(self, name, weight.shape, 1, weight.get_metadata()["logical_axes"], lora, rngs)
+        attach(self, "o_proj", self.o_proj.shape, 2, self.o_proj.get_metadata()["logical_axes"], lora, rngs)
 
     def __call__(self, x, positions, query_slots, key_valid, cache_kv=None):
         """x [B, T, D]; positions, query_slots [B, T]; key_valid [B, S].
@@ -61,9 +67,8 @@ class Attention(nnx.Module):
         """
         cfg = self.config
         dtype = x.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dtype))
-        k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dtype))
-        v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dtype))
+        q, k, v = (project(x, getattr(self, name)[...].astype(dtype), adapter_of(self, name, dtype), 1)
+                   for name in ("q_proj", "k_proj", "v_proj"))
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
         if cache_kv is not None:
@@ -72,7 +77,7 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), first_slot, axis=1)
         mask = attention_mask(query_slots, key_valid, cfg.sliding_window)
         out = grouped_query_attention(q, k.astype(dtype), v.astype(dtype), mask)
-        return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dtype)), (k, v)
+        return project(out, self.o_proj[...].astype(dtype), adapter_of(self, "o_proj", dtype), 2), (k, v)
 
 
 def grouped_query_attention(q, k, v, mask):

@@ -22,6 +22,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from mixtral_jax.config import ConfigError, MixtralConfig
+from mixtral_jax.lora import LoRAParam, LoraConfig, init_adapters
 from mixtral_jax.model import Mixtral
 from mixtral_jax.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 
@@ -187,10 +188,11 @@ def detect_mappings(files: CheckpointFiles, config: MixtralConfig) -> list[Tenso
 
 
 def from_pretrained(path: str | os.PathLike, dtype: str | None = None, *, mesh=None, show_progress: bool = False,
-                    **implementation) -> Mixtral:
+                    lora: LoraConfig | None = None, lora_seed: int = 0, **implementation) -> Mixtral:
     """Loads an HF Mixtral directory. `dtype` sets parameter and compute dtype (default: the checkpoint's).
 
     `implementation` overrides our own config fields (moe_backend, scan_layers, remat_policy, ...).
+    With `lora`, the targeted weights get fresh adapters (A random from `lora_seed`, B zero).
     With `mesh`, every parameter is placed with its sharding from the logical-axis rules as it is read.
     """
     directory = os.fspath(path)
@@ -204,7 +206,7 @@ def from_pretrained(path: str | os.PathLike, dtype: str | None = None, *, mesh=N
     config = MixtralConfig.from_hf(directory, **{"dtype": dtype, "param_dtype": dtype, **implementation})
     mappings = detect_mappings(files, config)
 
-    model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0), lora=lora))
     params = dict(_named_params(model))
     by_param: dict[str, list[TensorMapping]] = {}
     for m in mappings:
@@ -219,12 +221,18 @@ def from_pretrained(path: str | os.PathLike, dtype: str | None = None, *, mesh=N
             target[...] = hf_to_ours(m, files.read(m.hf_key), target.shape).astype(buffer.dtype)
         variable.set_value(placement(name, buffer))
         del buffer
+    if lora is not None:
+        init_adapters(model, lora_seed)
+        if mesh is not None:
+            from mixtral_jax.sharding import shard_model
+
+            shard_model(model, mesh)
     return model
 
 
 def _named_params(model: nnx.Module) -> Iterator[tuple[str, nnx.Variable]]:
     for path, variable in nnx.iter_graph(model):
-        if isinstance(variable, nnx.Param):
+        if isinstance(variable, nnx.Param) and not isinstance(variable, LoRAParam):
             yield ".".join(str(p) for p in path), variable
 
 

@@ -16,6 +16,7 @@ from flax import nnx
 
 from mixtral_jax.attention import Attention
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.lora import LoraConfig
 from mixtral_jax.moe import SparseMoE
 from mixtral_jax.sharding import constrain
 
@@ -38,12 +39,12 @@ class RMSNorm(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: MixtralConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: MixtralConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         pdtype = jnp.dtype(config.param_dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, pdtype)
-        self.self_attn = Attention(config, rngs=rngs)
+        self.self_attn = Attention(config, rngs=rngs, lora=lora)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, pdtype)
-        self.block_sparse_moe = SparseMoE(config, rngs=rngs)
+        self.block_sparse_moe = SparseMoE(config, rngs=rngs, lora=lora)
 
     def __call__(self, x, positions, query_slots, key_valid, cache_kv=None):
         attn_out, kv = self.self_attn(self.input_layernorm(x), positions, query_slots, key_valid, cache_kv)
@@ -85,15 +86,17 @@ class MixtralOutput:
 
 
 class Mixtral(nnx.Module):
-    """MixtralForCausalLM. Parameter names follow transformers' module names."""
+    """MixtralForCausalLM. Parameter names follow transformers' module names; with `lora`, the targeted
+    weights carry adapters (`{name}_lora_a/_b`, see lora.py)."""
 
-    def __init__(self, config: MixtralConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: MixtralConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         self.config = config
+        self.lora = lora
         pdtype = jnp.dtype(config.param_dtype)
         init = jax.nn.initializers.normal(0.02)
         self.embed_tokens = nnx.Param(init(rngs.params(), (config.vocab_size, config.hidden_size), pdtype),
                                       logical_axes=("vocab", "embed"))
-        self.layers = _stacked_layers(config, rngs)
+        self.layers = _stacked_layers(config, rngs, lora)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, pdtype)
         if not config.tie_word_embeddings:
             self.lm_head = nnx.Param(init(rngs.params(), (config.hidden_size, config.vocab_size), pdtype),
@@ -168,11 +171,11 @@ class Mixtral(nnx.Module):
         return x, router_logits, kv, dropped
 
 
-def _stacked_layers(config: MixtralConfig, rngs: nnx.Rngs) -> DecoderLayer:
+def _stacked_layers(config: MixtralConfig, rngs: nnx.Rngs, lora: LoraConfig | None) -> DecoderLayer:
     @nnx.split_rngs(splits=config.num_hidden_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def create(layer_rngs):
-        return DecoderLayer(config, rngs=layer_rngs)
+        return DecoderLayer(config, rngs=layer_rngs, lora=lora)
 
     layers = create(rngs)
     for _, variable in nnx.iter_graph(layers):

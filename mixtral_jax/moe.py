@@ -26,11 +26,12 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.lora import Adapter, LoraConfig, adapter_of, attach, project
 from mixtral_jax.sharding import active_mesh, constrain, logical_to_spec
 
 
 class SparseMoE(nnx.Module):
-    def __init__(self, config: MixtralConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: MixtralConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         d, f, e = config.hidden_size, config.intermediate_size, config.num_local_experts
         pdtype = jnp.dtype(config.param_dtype)
         init = jax.nn.initializers.normal(0.02)
@@ -39,15 +40,21 @@ class SparseMoE(nnx.Module):
         self.w1 = nnx.Param(init(rngs.params(), (e, d, f), pdtype), logical_axes=("experts", "embed", "mlp"))
         self.w3 = nnx.Param(init(rngs.params(), (e, d, f), pdtype), logical_axes=("experts", "embed", "mlp"))
         self.w2 = nnx.Param(init(rngs.params(), (e, f, d), pdtype), logical_axes=("experts", "mlp", "embed"))
+        self.lora = lora
+        attach(self, "gate", self.gate.shape, 1, ("embed", None), lora, rngs)
+        for name in ("w1", "w2", "w3"):
+            weight = getattr(self, name)
+            attach(self, name, weight.shape, 1, weight.get_metadata()["logical_axes"], lora, rngs, leading=1)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, S, D] -> (output [B, S, D], router logits [B, S, E] in fp32, number of dropped assignments)."""
         cfg = self.config
         dtype = x.dtype
-        logits = jnp.einsum("bsd,de->bse", x, self.gate[...].astype(dtype), preferred_element_type=jnp.float32)
+        logits = project(x, self.gate[...].astype(dtype), adapter_of(self, "gate", dtype), 1).astype(jnp.float32)
         expert_ids, expert_weights = route(logits, cfg.num_experts_per_tok)
         expert_weights = expert_weights.astype(dtype)
-        w1, w2, w3 = (w[...].astype(dtype) for w in (self.w1, self.w2, self.w3))
+        # Each expert weight travels with its adapter (or None): (W [E, in, out], Adapter | None).
+        w1, w2, w3 = ((getattr(self, n)[...].astype(dtype), adapter_of(self, n, dtype)) for n in ("w1", "w2", "w3"))
         if cfg.moe_backend == "dense":
             out, dropped = dense_experts(x, expert_ids, expert_weights, w1, w2, w3), jnp.int32(0)
         elif cfg.moe_backend == "dropless" and active_mesh() is not None:
@@ -69,21 +76,36 @@ def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _swiglu(x, w1, w3, w2, matmul):
-    return matmul(jax.nn.silu(matmul(x, w1)) * matmul(x, w3), w2)
+    """w2(silu(w1 x) * w3 x), each weight an array or a (W, Adapter | None) pair; `matmul(lhs, W)` is the
+    backend's (grouped) product, which the adapters reuse: x W + scale * (x A) B."""
+    def apply(lhs, weight):
+        w, adapter = weight if isinstance(weight, tuple) else (weight, None)
+        out = matmul(lhs, w)
+        if adapter is not None:
+            out = out + adapter.scale * matmul(matmul(lhs, adapter.a), adapter.b)
+        return out
+
+    return apply(jax.nn.silu(apply(x, w1)) * apply(x, w3), w2)
+
+
+def _weight(weight):
+    return weight[0] if isinstance(weight, tuple) else weight
 
 
 # ------------------------------------------------------------------------------------------------ dense
 def dense_experts(x, expert_ids, expert_weights, w1, w2, w3):
-    num_experts = w1.shape[0]
+    b, s, d = x.shape
+    num_experts = _weight(w1).shape[0]
     combine = jnp.sum(jax.nn.one_hot(expert_ids, num_experts, dtype=x.dtype) * expert_weights[..., None], axis=-2)
-    hidden = jax.nn.silu(jnp.einsum("bsd,edf->bsef", x, w1)) * jnp.einsum("bsd,edf->bsef", x, w3)
-    return jnp.einsum("bsef,efd,bse->bsd", hidden, w2, combine)
+    every_expert = jnp.broadcast_to(x[:, :, None, :], (b, s, num_experts, d))
+    out = _swiglu(every_expert, w1, w3, w2, lambda lhs, w: jnp.einsum("bsei,eio->bseo", lhs, w))
+    return jnp.einsum("bsed,bse->bsd", out, combine)
 
 
 # ------------------------------------------------------------------------------------------------ dropless
 def dropless_experts(x, expert_ids, expert_weights, w1, w2, w3, config: MixtralConfig):
     b, s, d = x.shape
-    k, num_experts = expert_ids.shape[-1], w1.shape[0]
+    k, num_experts = expert_ids.shape[-1], _weight(w1).shape[0]
     flat_ids = expert_ids.reshape(-1)                        # assignment a = token * k + j
     order = jnp.argsort(flat_ids, stable=True)               # assignments grouped by expert, token order inside
     inverse = jnp.argsort(order)
@@ -109,15 +131,30 @@ def dropless_expert_parallel(x, expert_ids, expert_weights, w1, w2, w3, config: 
     """
     b, s, d = x.shape
     tokens_spec = logical_to_spec(("batch", None, None), x.shape, mesh, rules)
-    w13_spec = logical_to_spec(("experts", None, "mlp"), w1.shape, mesh, rules)
-    w2_spec = logical_to_spec(("experts", "mlp", None), w2.shape, mesh, rules)
+    w13_spec = logical_to_spec(("experts", None, "mlp"), _weight(w1).shape, mesh, rules)
+    w2_spec = logical_to_spec(("experts", "mlp", None), _weight(w2).shape, mesh, rules)
     width_split = w13_spec[2] is not None
+    experts_only = PartitionSpec(w13_spec[0], None, None)
+    # Adapters split like their weights: A [E, in, r] by the weight's input dims, B [E, r, out] by its output.
+    w13_adapter_spec = (experts_only, PartitionSpec(w13_spec[0], None, w13_spec[2]))
+    w2_adapter_spec = (PartitionSpec(w2_spec[0], w2_spec[1], None), experts_only)
+    scales = {name: (w[1].scale if w[1] is not None else None) for name, w in (("w1", w1), ("w2", w2), ("w3", w3))}
+
+    def strip(weight):  # shard_map takes arrays only; the scales travel by closure
+        return weight[0], (None if weight[1] is None else (weight[1].a, weight[1].b))
+
+    def dress(weight, name):
+        return weight[0], (None if weight[1] is None else Adapter(*weight[1], scales[name]))
+
+    def spec(weight, base, adapter):
+        return base, (None if weight[1] is None else adapter)
     shards = mesh.shape["expert"]
     matmul_kind = config.grouped_matmul
 
     def local(x, ids, weights, w1, w2, w3):
+        w1, w2, w3 = dress(w1, "w1"), dress(w2, "w2"), dress(w3, "w3")
         lb, ls, _ = x.shape
-        k, local_experts = ids.shape[-1], w1.shape[0]
+        k, local_experts = ids.shape[-1], w1[0].shape[0]
         flat_ids = ids.reshape(-1)
         m = flat_ids.shape[0]
         order = jnp.argsort(flat_ids, stable=True)
@@ -155,9 +192,10 @@ def dropless_expert_parallel(x, expert_ids, expert_weights, w1, w2, w3, config: 
         per_assignment = permute_rows(sorted_out, inverse, order).reshape(lb, ls, k, d)
         return jnp.einsum("bskd,bsk->bsd", per_assignment, weights)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(tokens_spec, tokens_spec, tokens_spec, w13_spec, w2_spec,
-                                                     w13_spec),
-                         out_specs=tokens_spec, check_vma=False)(x, expert_ids, expert_weights, w1, w2, w3)
+    in_specs = (tokens_spec, tokens_spec, tokens_spec, spec(w1, w13_spec, w13_adapter_spec),
+                spec(w2, w2_spec, w2_adapter_spec), spec(w3, w13_spec, w13_adapter_spec))
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=tokens_spec, check_vma=False)(
+        x, expert_ids, expert_weights, strip(w1), strip(w2), strip(w3))
 
 
 @jax.custom_vjp
@@ -270,7 +308,7 @@ def expert_capacity(seq_len: int, top_k: int, num_experts: int, capacity_factor:
 def capacity_experts(x, expert_ids, expert_weights, w1, w2, w3, capacity_factor):
     """Per sequence: each expert takes its first `capacity` assignments in token order; the rest are dropped."""
     b, s, d = x.shape
-    k, num_experts = expert_ids.shape[-1], w1.shape[0]
+    k, num_experts = expert_ids.shape[-1], _weight(w1).shape[0]
     capacity = expert_capacity(s, k, num_experts, capacity_factor)
 
     def dispatch(ids):  # one sequence: ids [S, k] -> (token per slot [E, C], slot valid, slot of each assignment)
@@ -293,7 +331,7 @@ def capacity_experts(x, expert_ids, expert_weights, w1, w2, w3, capacity_factor)
     # With experts sharded, these two constraints make GSPMD move the slots to their experts' devices and
     # back (all-to-all over the expert axis).
     dispatched = constrain(dispatched, ("exp_batch", "act_experts", None, "act_embed"))
-    matmul = lambda lhs, w: jnp.einsum("becd,edf->becf", lhs, w)
+    matmul = lambda lhs, w: jnp.einsum("beci,eio->beco", lhs, w)
     expert_out = constrain(_swiglu(dispatched, w1, w3, w2, matmul), ("exp_batch", "act_experts", None, "act_embed"))
     expert_out = constrain(expert_out.reshape(b, num_experts * capacity, d), ("batch", None, "act_embed"))
     per_assignment = jnp.take_along_axis(expert_out, assignment_slot[..., None], axis=1)

@@ -1,0 +1,123 @@
+"""Low-rank adapters (LoRA) on any of q_proj, k_proj, v_proj, o_proj, w1, w2, w3 and gate (the router).
+
+An adapted weight W computes `x W + (alpha / r) * (x A) B`, A initialised as peft does (kaiming-uniform with
+a = sqrt 5, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))), B zero, so a fresh adapter leaves the model unchanged.
+Expert weights get one (A, B) pair per expert, stacked [E, ...] like the experts and computed by the same
+grouped product. Adapter parameters are `LoRAParam`s, so a train step can select them alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3", "gate")
+
+
+class LoRAParam(nnx.Param):
+    """An adapter weight (trainable while the base is frozen)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 64
+    alpha: float = 128.0
+    dropout: float = 0.05  # applied by the trainer to the adapter input; not in the forward here
+    targets: tuple[str, ...] = TARGETS
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"lora: field 'rank' must be a positive integer, got {self.rank!r}")
+        unknown = sorted(set(self.targets) - set(TARGETS))
+        if unknown:
+            raise ValueError(f"lora: field 'targets' has unknown module '{unknown[0]}' (known: {', '.join(TARGETS)})")
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class Adapter(NamedTuple):
+    a: jax.Array      # [*leading, *in_dims, r]
+    b: jax.Array      # [*leading, r, *out_dims]
+    scale: float
+
+
+def make_pair(key: jax.Array, leading: tuple[int, ...], in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+              rank: int, dtype, leading_axes: tuple, in_axes: tuple, out_axes: tuple) -> tuple[LoRAParam, LoRAParam]:
+    """(A, B) for a weight [*leading, *in_shape, *out_shape]: A [*leading, *in_shape, r], B [*leading, r, *out]."""
+    bound = 1.0 / math.sqrt(math.prod(in_shape))
+    a = jax.random.uniform(key, (*leading, *in_shape, rank), dtype, -bound, bound)
+    b = jnp.zeros((*leading, rank, *out_shape), dtype)
+    return (LoRAParam(a, logical_axes=(*leading_axes, *in_axes, "lora_rank")),
+            LoRAParam(b, logical_axes=(*leading_axes, "lora_rank", *out_axes)))
+
+
+def project(x: jax.Array, weight: jax.Array, adapter: Adapter | None, contracted: int) -> jax.Array:
+    """x contracted with the first `contracted` dims of weight, plus the adapter's low-rank update."""
+    out = jnp.tensordot(x, weight, axes=contracted)
+    if adapter is None:
+        return out
+    low = jnp.tensordot(x, adapter.a.astype(x.dtype), axes=contracted)
+    return out + adapter.scale * jnp.tensordot(low, adapter.b.astype(x.dtype), axes=1)
+
+
+def merged(weight: jax.Array, adapter: Adapter, contracted: int) -> jax.Array:
+    """W + (alpha / r) * A B computed in fp32, in W's dtype (what a merged export holds)."""
+    a, b = adapter.a.astype(jnp.float32), adapter.b.astype(jnp.float32)
+    lead = a.ndim - contracted - 1
+    in_letters, out_letters = "abcdefgh"[:contracted], "ijklmnop"[: b.ndim - lead - 1]
+    lead_letters = "stuvw"[:lead]
+    delta = jnp.einsum(f"{lead_letters}{in_letters}r,{lead_letters}r{out_letters}->{lead_letters}{in_letters}{out_letters}",
+                       a, b)
+    return (weight.astype(jnp.float32) + adapter.scale * delta).astype(weight.dtype)
+
+
+def attach(module: nnx.Module, name: str, weight_shape: tuple[int, ...], contracted: int, axes: tuple,
+           config: "LoraConfig | None", rngs: nnx.Rngs, leading: int = 0) -> None:
+    """Gives `module` the adapter `{name}_lora_a/_b` for its weight `name` when `config` targets it.
+
+    `leading` dims of the weight (the experts) get their own pairs; the next `contracted` dims are the
+    input, the rest the output.
+    """
+    if config is None or name not in config.targets:
+        return
+    lead, rest = weight_shape[:leading], weight_shape[leading:]
+    a, b = make_pair(rngs.params(), lead, rest[:contracted], rest[contracted:], config.rank,
+                     jnp.dtype(module.config.param_dtype), axes[:leading], axes[leading:leading + contracted],
+                     axes[leading + contracted:])
+    setattr(module, f"{name}_lora_a", a)
+    setattr(module, f"{name}_lora_b", b)
+
+
+def adapter_of(module: nnx.Module, name: str, dtype=None) -> Adapter | None:
+    a = getattr(module, f"{name}_lora_a", None)
+    if a is None:
+        return None
+    b = getattr(module, f"{name}_lora_b")
+    dtype = dtype or a[...].dtype
+    return Adapter(a[...].astype(dtype), b[...].astype(dtype), module.lora.scale)
+
+
+def init_adapters(model: nnx.Module, seed: int = 0) -> None:
+    """Fresh adapters for every LoRAParam of `model` (e.g. one built abstractly around loaded weights):
+    A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in the weight's input size, B = 0."""
+    key = jax.random.key(seed)
+    for path, variable in nnx.iter_graph(model):
+        if not isinstance(variable, LoRAParam):
+            continue
+        value = variable.get_value()
+        if str(path[-1]).endswith("_lora_b"):
+            variable.set_value(jnp.zeros(value.shape, value.dtype))
+            continue
+        axes = variable.get_metadata()["logical_axes"]
+        fan_in = math.prod(n for n, axis in zip(value.shape, axes) if axis not in ("layers", "experts", "lora_rank"))
+        key, sub = jax.random.split(key)
+        bound = 1.0 / math.sqrt(fan_in)
+        variable.set_value(jax.random.uniform(sub, value.shape, value.dtype, -bound, bound))
