@@ -34,7 +34,8 @@ WORKER = textwrap.dedent("""
     local = {"input_ids": ids[rows], "labels": ids[rows], "attention_mask": np.ones_like(ids[rows])}
     batch = distributed.global_batch(local, step.batch_shardings, 8)
     sharding.shard_model(model, mesh)
-    grads, metrics = step.grads(nnx.split(model, nnx.Param)[1], batch)
+    params, frozen = step.split(model)
+    grads, metrics = step.grads(params, batch, frozen)
     norm = jax.jit(lambda g: optax.tree.norm(g), out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))(grads)
     print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
                       "local_devices": jax.local_device_count(), "rows": [rows.start, rows.stop],

@@ -33,8 +33,13 @@ def single_device(batch):
     model = mj.Mixtral(CONFIG.replace(moe_backend="dense"), rngs=nnx.Rngs(0))
     mesh = sharding.make_mesh("data=1", devices=jax.devices()[:1])
     step = make_train_step(model, optax.sgd(0.1), mesh, BATCH)
-    grads, metrics = step.grads(nnx.split(model, nnx.Param)[1], batch)
+    grads, metrics = step.grads(*_with_batch(step.split(model), batch))
     return jax.device_get(grads), jax.device_get(metrics)
+
+
+def _with_batch(split, batch):
+    params, frozen = split
+    return params, batch, frozen
 
 
 @pytest.mark.parametrize("backend", ["capacity", "dropless"])
@@ -44,9 +49,9 @@ def test_sharded_loss_and_gradients_equal_one_device(single_device, batch, spec,
     model = mj.Mixtral(CONFIG.replace(moe_backend=backend), rngs=nnx.Rngs(0))
     mesh = sharding.make_mesh(spec, config=CONFIG)
     step = make_train_step(model, optax.sgd(0.1), mesh, BATCH)
-    params = jax.device_put(nnx.split(model, nnx.Param)[1], step.param_shardings)
-    grads, metrics = step.grads(params, batch)
-    evaluated = step.evaluate(params, batch)
+    params, frozen = step.split(model)
+    grads, metrics = step.grads(params, batch, frozen)
+    evaluated = step.evaluate(params, batch, frozen)
     for key in ("loss", "aux_loss"):
         assert abs(float(metrics[key]) - float(ref_metrics[key])) < 1e-5, key
         assert abs(float(evaluated[key]) - float(ref_metrics[key])) < 1e-5, key
@@ -76,9 +81,9 @@ def test_a_sharded_train_step_updates_like_one_device(batch):
         devices = jax.devices()[:1] if spec == "data=1" else None
         mesh = sharding.make_mesh(spec, devices=devices, config=CONFIG)
         step = make_train_step(model, optimizer, mesh, BATCH)
-        params = jax.device_put(nnx.split(model, nnx.Param)[1], step.param_shardings)
-        params, opt_state, metrics = step.step(params, step.init_opt_state(params), batch)
-        params, _, metrics = step.step(params, opt_state, batch)
+        params, frozen = step.split(model)
+        params, opt_state, metrics = step.step(params, step.init_opt_state(params), batch, frozen)
+        params, _, metrics = step.step(params, opt_state, batch, frozen)
         results.append((jax.device_get(params), float(metrics["loss"])))
     (single, loss_single), (sharded, loss_sharded) = results
     assert abs(loss_single - loss_sharded) < 1e-5

@@ -200,7 +200,7 @@ def plan(config: MixtralConfig, mesh_spec: str, batch: int, seq: int, *, devices
     model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))  # shapes only, nothing allocated
     tx = make_optimizer(optimizer, state_dtype)
     step = make_train_step(model, tx, mesh, (batch, seq))
-    _, abstract_params = nnx.split(model, nnx.Param)
+    _, abstract_params, abstract_frozen = nnx.split(model, nnx.Param, ...)
 
     def sharded(leaf, sharding):
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
@@ -215,7 +215,8 @@ def plan(config: MixtralConfig, mesh_spec: str, batch: int, seq: int, *, devices
         progress(f"compiling the {preset or 'model'} train step for {len(devices)} simulated devices "
                  f"(mesh {_mesh_text(mesh)}, batch {batch} x {seq}); this can take a minute ...")
     start = time.perf_counter()
-    lowered = step.step.lower(params, opt_state, batch_in)
+    frozen = jax.tree.map(sharded, abstract_frozen, step.frozen_shardings)
+    lowered = step.step.lower(params, opt_state, batch_in, frozen)
     lower_seconds = time.perf_counter() - start
     start = time.perf_counter()
     compiled = lowered.compile()

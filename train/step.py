@@ -1,15 +1,21 @@
-"""The jitted train step, with explicit shardings for parameters, optimizer state and batch (pjit's form)."""
+"""The jitted train step, with explicit shardings for parameters, optimizer state and batch (pjit's form).
+
+Only the `trainable` parameters (all of them, or LoRA adapters plus modules_to_save) get gradients and
+optimizer state; the frozen rest is an input like the batch. A global batch of `micro_batches * m` rows runs
+as `micro_batches` sequential micro-batches whose gradients are summed, so any global batch fits any mesh.
+"""
 
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mixtral_jax.loss import training_loss
+from mixtral_jax.loss import next_token_nll
 from mixtral_jax.sharding import named_sharding, param_shardings, use_mesh
 
 BATCH_AXES = ("batch", "length")
@@ -17,49 +23,83 @@ BATCH_KEYS = ("input_ids", "labels", "attention_mask")
 
 
 class TrainStep(NamedTuple):
-    step: Callable             # (params, opt_state, batch) -> (params, opt_state, metrics); donates its inputs
-    grads: Callable            # (params, batch) -> (grads, metrics)
-    evaluate: Callable         # (params, batch) -> metrics, no gradients
+    step: Callable             # (params, opt_state, batch, frozen) -> (params, opt_state, metrics); donates 0, 1
+    grads: Callable            # (params, batch, frozen) -> (grads, metrics)
+    evaluate: Callable         # (params, batch, frozen) -> metrics, no gradients
     init_opt_state: Callable   # params -> opt_state, placed with its shardings
+    split: Callable            # model -> (params, frozen), placed with their shardings
     param_shardings: nnx.State
+    frozen_shardings: nnx.State
     opt_shardings: object
     batch_shardings: dict
 
 
 def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    batch_shape: tuple[int, int], rules=None) -> TrainStep:
+                    batch_shape: tuple[int, int], rules=None, trainable=nnx.Param,
+                    micro_batches: int = 1, aux_loss_coef: float | None = None) -> TrainStep:
     """The step for `model`'s structure on `mesh`. A batch is a dict of `input_ids`, `labels` and
-    `attention_mask`, each [batch, length] and split over the data, fsdp and expert axes. Parameters are
-    `nnx.split(model, nnx.Param)[1]`; the optimizer state is sharded like the parameters it mirrors."""
-    graphdef, params = nnx.split(model, nnx.Param)
-    p_shardings = nnx.state(param_shardings(model, mesh, rules), nnx.Param)
+    `attention_mask`, each [batch, length], split over the data, fsdp and expert axes; `trainable` is an nnx
+    filter. The loss is the next-token NLL averaged over every label of the global batch plus
+    `aux_loss_coef` (default: the config's) x the router's aux loss averaged over the micro-batches."""
+    if batch_shape[0] % micro_batches:
+        raise ValueError(f"batch of {batch_shape[0]} rows is not divisible into {micro_batches} micro-batches")
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    shardings = param_shardings(model, mesh, rules)
+    p_shardings, f_shardings = nnx.state(shardings, trainable), nnx.state(shardings, nnx.Not(trainable))
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(optimizer.init, params)
     o_shardings = optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract_opt, p_shardings,
                                         transform_non_params=lambda _: replicated)
     b_shardings = {key: named_sharding(BATCH_AXES, batch_shape, mesh, rules) for key in BATCH_KEYS}
+    coef = model.config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
+    micro_rows = batch_shape[0] // micro_batches
 
-    def loss_fn(params, batch):
+    def micro_loss(params, frozen, micro, total_tokens):
         with use_mesh(mesh, rules):
-            return training_loss(nnx.merge(graphdef, params), batch["input_ids"], batch["labels"],
-                                 batch["attention_mask"])
+            out = nnx.merge(graphdef, params, frozen)(micro["input_ids"], micro["attention_mask"])
+        nll_sum, tokens = next_token_nll(out.logits, micro["labels"])
+        loss = nll_sum / total_tokens + coef * out.aux_loss / micro_batches
+        return loss, {"nll_sum": nll_sum, "tokens": tokens, "aux_loss": out.aux_loss / micro_batches,
+                      "dropped_tokens": out.dropped_tokens}
 
-    def loss_and_grads(params, batch):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
-        return grads, metrics
+    def loss_and_grads(params, batch, frozen, with_grads=True):
+        total_tokens = jnp.maximum(jnp.sum(batch["labels"][:, 1:] != -100), 1)
+        micros = jax.tree.map(lambda a: a.reshape(micro_batches, micro_rows, *a.shape[1:]), batch)
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def train_step(params, opt_state, batch):
-        grads, metrics = loss_and_grads(params, batch)
+        def one_micro(grads, micro):
+            if with_grads:
+                (_, metrics), micro_grads = grad_fn(params, frozen, micro, total_tokens)
+                grads = jax.tree.map(jnp.add, grads, micro_grads)
+            else:
+                _, metrics = micro_loss(params, frozen, micro, total_tokens)
+            return grads, metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, params) if with_grads else None
+        grads, metrics = jax.lax.scan(one_micro, zeros, micros)
+        lm_loss = jnp.sum(metrics["nll_sum"]) / total_tokens
+        aux = jnp.sum(metrics["aux_loss"])
+        summary = {"loss": lm_loss + coef * aux, "lm_loss": lm_loss, "aux_loss": aux,
+                   "tokens": jnp.sum(metrics["tokens"]), "dropped_tokens": jnp.sum(metrics["dropped_tokens"])}
+        return grads, summary
+
+    def train_step(params, opt_state, batch, frozen):
+        grads, metrics = loss_and_grads(params, batch, frozen)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
         return optax.apply_updates(params, updates), opt_state, metrics
 
+    def split(model):
+        _, params, frozen = nnx.split(model, trainable, ...)
+        return jax.device_put(params, p_shardings), jax.device_put(frozen, f_shardings)
+
     return TrainStep(
-        step=jax.jit(train_step, in_shardings=(p_shardings, o_shardings, b_shardings),
+        step=jax.jit(train_step, in_shardings=(p_shardings, o_shardings, b_shardings, f_shardings),
                      out_shardings=(p_shardings, o_shardings, replicated), donate_argnums=(0, 1)),
-        grads=jax.jit(loss_and_grads, in_shardings=(p_shardings, b_shardings),
+        grads=jax.jit(loss_and_grads, in_shardings=(p_shardings, b_shardings, f_shardings),
                       out_shardings=(p_shardings, replicated)),
-        evaluate=jax.jit(lambda params, batch: loss_fn(params, batch)[1], in_shardings=(p_shardings, b_shardings),
-                         out_shardings=replicated),
+        evaluate=jax.jit(lambda params, batch, frozen: loss_and_grads(params, batch, frozen, with_grads=False)[1],
+                         in_shardings=(p_shardings, b_shardings, f_shardings), out_shardings=replicated),
         init_opt_state=jax.jit(optimizer.init, in_shardings=(p_shardings,), out_shardings=o_shardings),
-        param_shardings=p_shardings, opt_shardings=o_shardings, batch_shardings=b_shardings)
+        split=split, param_shardings=p_shardings, frozen_shardings=f_shardings, opt_shardings=o_shardings,
+        batch_shardings=b_shardings)
