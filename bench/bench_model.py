@@ -65,6 +65,7 @@ import transformers
 from flax import nnx
 
 import mixtral_jax
+from mixtral_jax.flops import flop_counts
 from mixtral_jax import MixtralConfig
 from mixtral_jax.generation import SamplingConfig, generate
 
@@ -88,29 +89,6 @@ DEFAULT_BACKEND = "dropless-blocked"  # the library's default (moe_backend dropl
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
-def flop_counts(cfg: MixtralConfig, seq: int = SEQ) -> dict:
-    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    h, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim
-    e, k, layers = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
-    attn_proj = d * h * hd + 2 * d * kv * hd + h * hd * d
-    router = d * e
-    experts = k * 3 * d * f
-    head = d * v
-    active = layers * (attn_proj + router + experts) + head
-    attn_scores = layers * 4 * seq * h * hd
-    return {
-        "active_params": active,
-        "forward_flops_per_token": 2 * active + attn_scores,
-        "per_token": {  # forward FLOPs per token, by part (all layers)
-            "attention_projections": 2 * layers * attn_proj,
-            "attention_scores": attn_scores,
-            "router": 2 * layers * router,
-            "experts_topk": 2 * layers * experts,
-            "lm_head": 2 * head,
-        },
-    }
-
-
 # ------------------------------------------------------------------------------------------------ timing
 def _median_time(fn, repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
@@ -181,7 +159,7 @@ def make_dropped(model):
 def bench_config(name: str, backends: list[str], repeats: int, all_decode: bool, breakdown: bool,
                  decode_batch: int, seed: int, peak: float) -> dict:
     cfg = MixtralConfig.from_preset(name)
-    flops = flop_counts(cfg)
+    flops = flop_counts(cfg, SEQ)
     fpt = flops["forward_flops_per_token"]
     print(f"\n== {name}: {flops['active_params'] / 1e6:.2f}M active parameters, "
           f"{fpt / 1e6:.2f}M forward FLOPs/token", file=sys.stderr)
@@ -276,7 +254,7 @@ def component_breakdown(model, hf, cfg: MixtralConfig, repeats: int, peak: float
     """Times one decoder layer's attention and MoE block, and the final norm + LM head, ours against
     transformers' modules, on the same [4, 256, D] hidden states (ours jitted, theirs under no_grad)."""
     print(f"  breakdown ({backend})", file=sys.stderr)
-    flops = flop_counts(cfg)["per_token"]
+    flops = flop_counts(cfg, SEQ)["per_token"]
     layers = cfg.num_hidden_layers
     tokens = BATCH * SEQ
     x_np = np.random.default_rng(1).standard_normal((BATCH, SEQ, cfg.hidden_size)).astype(np.float32)

@@ -13,6 +13,7 @@ from flax import nnx
 
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.lora import LoraConfig, adapter_of, attach, project
+from mixtral_jax.quantized import read
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float) -> jax.Array:
@@ -67,7 +68,7 @@ class Attention(nnx.Module):
         """
         cfg = self.config
         dtype = x.dtype
-        q, k, v = (project(x, getattr(self, name)[...].astype(dtype), adapter_of(self, name, dtype), 1)
+        q, k, v = (project(x, read(getattr(self, name), dtype), adapter_of(self, name, dtype), 1)
                    for name in ("q_proj", "k_proj", "v_proj"))
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
@@ -77,7 +78,7 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), first_slot, axis=1)
         mask = attention_mask(query_slots, key_valid, cfg.sliding_window)
         out = grouped_query_attention(q, k.astype(dtype), v.astype(dtype), mask)
-        return project(out, self.o_proj[...].astype(dtype), adapter_of(self, "o_proj", dtype), 2), (k, v)
+        return project(out, read(self.o_proj, dtype), adapter_of(self, "o_proj", dtype), 2), (k, v)
 
 
 def grouped_query_attention(q, k, v, mask):

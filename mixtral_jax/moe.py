@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec
 
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.lora import Adapter, LoraConfig, adapter_of, attach, project
+from mixtral_jax.quantized import read
 from mixtral_jax.sharding import active_mesh, constrain, logical_to_spec
 
 
@@ -50,11 +51,11 @@ class SparseMoE(nnx.Module):
         """x [B, S, D] -> (output [B, S, D], router logits [B, S, E] in fp32, number of dropped assignments)."""
         cfg = self.config
         dtype = x.dtype
-        logits = project(x, self.gate[...].astype(dtype), adapter_of(self, "gate", dtype), 1).astype(jnp.float32)
+        logits = project(x, read(self.gate, dtype), adapter_of(self, "gate", dtype), 1).astype(jnp.float32)
         expert_ids, expert_weights = route(logits, cfg.num_experts_per_tok)
         expert_weights = expert_weights.astype(dtype)
         # Each expert weight travels with its adapter (or None): (W [E, in, out], Adapter | None).
-        w1, w2, w3 = ((getattr(self, n)[...].astype(dtype), adapter_of(self, n, dtype)) for n in ("w1", "w2", "w3"))
+        w1, w2, w3 = ((read(getattr(self, n), dtype), adapter_of(self, n, dtype)) for n in ("w1", "w2", "w3"))
         if cfg.moe_backend == "dense":
             out, dropped = dense_experts(x, expert_ids, expert_weights, w1, w2, w3), jnp.int32(0)
         elif cfg.moe_backend == "dropless" and active_mesh() is not None:

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mixtral_jax.config import ConfigError, MixtralConfig
+from mixtral_jax.quantized import NF4Weight
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -118,6 +119,9 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules: Mapping | None = None)
 
     def sharding_of(variable):
         value = variable.get_value()
+        if isinstance(value, NF4Weight):  # packed codes and scales shard by the weight's own logical axes
+            return variable.replace(jax.tree.map(
+                lambda leaf: NamedSharding(mesh, logical_to_spec(value.axes, leaf.shape, mesh, rules)), value))
         axes = variable.get_metadata().get("logical_axes", (None,) * len(value.shape))
         return variable.replace(NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules)))
 
@@ -131,7 +135,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping | None = None) -> 
     for path, variable in nnx.iter_graph(model):
         if isinstance(variable, nnx.Variable):
             name = ".".join(str(p) for p in path)
-            variable.set_value(place(name, np.asarray(jax.device_get(variable.get_value()))))
+            variable.set_value(place(name, jax.tree.map(np.asarray, jax.device_get(variable.get_value()))))
     return model
 
 
@@ -141,8 +145,9 @@ def param_placer(model: nnx.Module, mesh: Mesh, rules: Mapping | None = None):
     shardings = {".".join(str(p) for p in path): s.get_value()
                  for path, s in nnx.to_flat_state(param_shardings(model, mesh, rules))}
 
-    def place(name: str, array: np.ndarray) -> jax.Array:
-        return jax.make_array_from_callback(array.shape, shardings[name], lambda index: array[index])
+    def place(name: str, value):  # an array, or a pytree of arrays (an NF4 weight)
+        return jax.tree.map(lambda array, sharding: jax.make_array_from_callback(
+            array.shape, sharding, lambda index: array[index]), value, shardings[name])
 
     return place
 

@@ -1,0 +1,100 @@
+"""The train step: gradient accumulation, trainable-only updates (LoRA), the loss falling, the schedule."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import mixtral_jax as mj
+from mixtral_jax import sharding
+from mixtral_jax.lora import LoRAParam, LoraConfig
+from train.optim import OptimizerConfig, make_optimizer, schedule
+from train.step import make_train_step
+
+CONFIG = mj.MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+ONE_DEVICE = None
+
+
+def _mesh():
+    return sharding.make_mesh("data=1", devices=jax.devices()[:1])
+
+
+def _batch(rows=8, length=12, seed=0):
+    ids = np.random.default_rng(seed).integers(0, CONFIG.vocab_size, (rows, length)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[2, :4] = 0
+    labels = np.where(mask == 1, ids, -100)
+    labels[5, :7] = -100  # prompt tokens, as in SFT: rows carry different numbers of labels
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def test_four_micro_batches_equal_one_batch_of_four_times_the_rows():
+    """Token-weighted: the NLL is averaged over every label of the global batch, whatever the split.
+    (The router's aux loss is a product of batch means, so it is averaged per micro-batch, as transformers'
+    Trainer does under accumulation; coef 0 here isolates the exact part.)"""
+    batch = _batch()
+    model = mj.Mixtral(CONFIG, rngs=nnx.Rngs(0))
+    results = []
+    for micro in (1, 4):
+        step = make_train_step(model, optax.sgd(0.1), _mesh(), (8, 12), micro_batches=micro, aux_loss_coef=0.0)
+        params, frozen = step.split(model)
+        results.append(jax.device_get(step.grads(params, batch, frozen)))
+    (g1, m1), (g4, m4) = results
+    assert abs(float(m1["lm_loss"]) - float(m4["lm_loss"])) < 1e-6
+    assert int(m1["tokens"]) == int(m4["tokens"]) == int(np.sum(batch["labels"][:, 1:] != -100))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_lora_step_trains_only_adapters_and_modules_to_save():
+    model = mj.Mixtral(CONFIG, rngs=nnx.Rngs(0), lora=LoraConfig(rank=4, alpha=8.0))
+    trainable = nnx.Any(LoRAParam, nnx.PathContains("embed_tokens"), nnx.PathContains("lm_head"))
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_ratio=0.0, total_steps=10))
+    step = make_train_step(model, optimizer, _mesh(), (8, 12), trainable=trainable)
+    params, frozen = step.split(model)
+    before = jax.device_get((params, frozen))
+    optimizer_leaves = jax.tree.leaves(step.init_opt_state(params))
+    # Optimizer memory follows the trainable parameters: two moments each, nothing for the frozen base.
+    assert sum(x.size for x in optimizer_leaves) <= 2 * sum(x.size for x in jax.tree.leaves(params)) + 8
+    params, opt_state, _ = step.step(params, step.init_opt_state(params), _batch(), frozen)
+    params, _, _ = step.step(params, opt_state, _batch(), frozen)  # B moved in step 1, so A has a gradient now
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(before[0])]
+    assert any("lora_a" in n for n in names) and any("embed_tokens" in n for n in names)
+    assert not any(".w1'" in n or "'w1'" in n for n in names)  # the base experts are frozen inputs
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[0]), jax.tree.leaves(params))]
+    assert all(changed)
+    for a, b in zip(jax.tree.leaves(jax.device_get(frozen)), jax.tree.leaves(before[1])):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("lora", [None, LoraConfig(rank=8, alpha=16.0)], ids=["full", "lora"])
+def test_loss_falls_over_30_steps_on_a_fixed_batch(lora):
+    model = mj.Mixtral(CONFIG, rngs=nnx.Rngs(0), lora=lora)
+    trainable = nnx.Param if lora is None else LoRAParam
+    learning_rate = 3e-3 if lora is None else 1e-2
+    step = make_train_step(model, make_optimizer(OptimizerConfig(learning_rate=learning_rate, total_steps=30)), _mesh(),
+                           (8, 12), trainable=trainable, micro_batches=2)
+    params, frozen = step.split(model)
+    opt_state = step.init_opt_state(params)
+    batch = _batch()
+    losses = []
+    for _ in range(30):
+        params, opt_state, metrics = step.step(params, opt_state, batch, frozen)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.9 * losses[0] and np.mean(losses[-5:]) < np.mean(losses[:5]), losses
+    assert np.isfinite(losses).all()
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    lr = schedule(OptimizerConfig(learning_rate=1e-4, warmup_ratio=0.05, total_steps=100))
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(1e-4)
+    assert float(lr(50)) == pytest.approx(0.5e-4, rel=0.12) and float(lr(100)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_micro_batches_must_divide_the_batch():
+    with pytest.raises(ValueError, match="micro-batches"):
+        make_train_step(mj.Mixtral(CONFIG, rngs=nnx.Rngs(0)), optax.sgd(0.1), _mesh(), (6, 12), micro_batches=4)
