@@ -59,7 +59,7 @@ class Attention(nnx.Module):
             attach(self, name, weight.shape, 1, weight.get_metadata()["logical_axes"], lora, rngs)
         attach(self, "o_proj", self.o_proj.shape, 2, self.o_proj.get_metadata()["logical_axes"], lora, rngs)
 
-    def __call__(self, x, positions, query_slots, key_valid, cache_kv=None):
+    def __call__(self, x, positions, query_slots, key_valid, cache_kv=None, dropout_key=None):
         """x [B, T, D]; positions, query_slots [B, T]; key_valid [B, S].
 
         Without a cache the keys are this call's own tokens (S = T). With `cache_kv` = (k, v), each
@@ -68,7 +68,7 @@ class Attention(nnx.Module):
         """
         cfg = self.config
         dtype = x.dtype
-        q, k, v = (project(x, read(getattr(self, name), dtype), adapter_of(self, name, dtype), 1)
+        q, k, v = (project(x, read(getattr(self, name), dtype), adapter_of(self, name, dtype, dropout_key), 1)
                    for name in ("q_proj", "k_proj", "v_proj"))
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
@@ -78,7 +78,7 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), first_slot, axis=1)
         mask = attention_mask(query_slots, key_valid, cfg.sliding_window)
         out = grouped_query_attention(q, k.astype(dtype), v.astype(dtype), mask)
-        return project(out, read(self.o_proj, dtype), adapter_of(self, "o_proj", dtype), 2), (k, v)
+        return project(out, read(self.o_proj, dtype), adapter_of(self, "o_proj", dtype, dropout_key), 2), (k, v)
 
 
 def grouped_query_attention(q, k, v, mask):

@@ -47,6 +47,14 @@ class Adapter(NamedTuple):
     a: jax.Array      # [*leading, *in_dims, r]
     b: jax.Array      # [*leading, r, *out_dims]
     scale: float
+    dropout: float = 0.0
+    key: jax.Array | None = None  # dropout on the adapter's input (training only), as peft's lora_dropout
+
+    def input(self, x: jax.Array) -> jax.Array:
+        if self.key is None or self.dropout == 0:
+            return x
+        keep = jax.random.bernoulli(self.key, 1.0 - self.dropout, x.shape)
+        return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
 
 
 def make_pair(key: jax.Array, leading: tuple[int, ...], in_shape: tuple[int, ...], out_shape: tuple[int, ...],
@@ -64,7 +72,7 @@ def project(x: jax.Array, weight: jax.Array, adapter: Adapter | None, contracted
     out = jnp.tensordot(x, weight, axes=contracted)
     if adapter is None:
         return out
-    low = jnp.tensordot(x, adapter.a.astype(x.dtype), axes=contracted)
+    low = jnp.tensordot(adapter.input(x), adapter.a.astype(x.dtype), axes=contracted)
     return out + adapter.scale * jnp.tensordot(low, adapter.b.astype(x.dtype), axes=1)
 
 
@@ -96,13 +104,15 @@ def attach(module: nnx.Module, name: str, weight_shape: tuple[int, ...], contrac
     setattr(module, f"{name}_lora_b", b)
 
 
-def adapter_of(module: nnx.Module, name: str, dtype=None) -> Adapter | None:
+def adapter_of(module: nnx.Module, name: str, dtype=None, dropout_key: jax.Array | None = None) -> Adapter | None:
+    """The adapter of weight `name`, or None; with `dropout_key`, its input is dropped out at the config's rate."""
     a = getattr(module, f"{name}_lora_a", None)
     if a is None:
         return None
     b = getattr(module, f"{name}_lora_b")
     dtype = dtype or a[...].dtype
-    return Adapter(a[...].astype(dtype), b[...].astype(dtype), module.lora.scale)
+    key = None if dropout_key is None else jax.random.fold_in(dropout_key, TARGETS.index(name))
+    return Adapter(a[...].astype(dtype), b[...].astype(dtype), module.lora.scale, module.lora.dropout, key)
 
 
 def init_adapters(model: nnx.Module, seed: int = 0) -> None:

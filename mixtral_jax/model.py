@@ -46,10 +46,12 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, pdtype)
         self.block_sparse_moe = SparseMoE(config, rngs=rngs, lora=lora)
 
-    def __call__(self, x, positions, query_slots, key_valid, cache_kv=None):
-        attn_out, kv = self.self_attn(self.input_layernorm(x), positions, query_slots, key_valid, cache_kv)
+    def __call__(self, x, positions, query_slots, key_valid, cache_kv=None, dropout_key=None):
+        attention_key, moe_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        attn_out, kv = self.self_attn(self.input_layernorm(x), positions, query_slots, key_valid, cache_kv,
+                                      attention_key)
         x = x + attn_out
-        moe_out, router_logits, dropped = self.block_sparse_moe(self.post_attention_layernorm(x))
+        moe_out, router_logits, dropped = self.block_sparse_moe(self.post_attention_layernorm(x), moe_key)
         return x + moe_out, router_logits, (kv if cache_kv is not None else None), dropped
 
 
@@ -103,10 +105,12 @@ class Mixtral(nnx.Module):
                                      logical_axes=("embed", "vocab"))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 cache: KVCache | None = None, layers: list[DecoderLayer] | None = None) -> MixtralOutput:
+                 cache: KVCache | None = None, layers: list[DecoderLayer] | None = None,
+                 dropout_key: jax.Array | None = None) -> MixtralOutput:
         """input_ids [B, T]; attention_mask [B, T] (1 = real token, 0 = padding; left padding for generation).
 
         `layers` (from `split_layers`) runs those modules, unrolled, instead of the stacked parameters.
+        `dropout_key` turns on LoRA dropout (training).
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -125,7 +129,8 @@ class Mixtral(nnx.Module):
             cache_kv = (cache.keys, cache.values)
 
         x = constrain(self.embed_tokens[...].astype(dtype)[input_ids], ("batch", "length", "act_embed"))
-        x, router_logits, new_kv, dropped = self._run_layers(x, positions, query_slots, key_valid, cache_kv, layers)
+        x, router_logits, new_kv, dropped = self._run_layers(x, positions, query_slots, key_valid, cache_kv, layers,
+                                                             dropout_key)
         x = self.norm(x)
         head = self.embed_tokens[...].T if cfg.tie_word_embeddings else self.lm_head[...]
         logits = constrain(jnp.einsum("btd,dv->btv", x, head.astype(dtype)), ("batch", "length", "act_vocab"))
@@ -147,25 +152,26 @@ class Mixtral(nnx.Module):
         graphdef, state = nnx.split(self.layers)
         return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(self.config.num_hidden_layers)]
 
-    def _run_layers(self, x, positions, query_slots, key_valid, cache_kv, layers=None):
+    def _run_layers(self, x, positions, query_slots, key_valid, cache_kv, layers=None, dropout_key=None):
         graphdef, state = nnx.split(self.layers)
+        layer_keys = None if dropout_key is None else jax.random.split(dropout_key, self.config.num_hidden_layers)
 
         def body(hidden, layer_inputs):
-            layer, kv = layer_inputs
+            layer, kv, key = layer_inputs
             if not isinstance(layer, DecoderLayer):
                 layer = nnx.merge(graphdef, layer)
-            hidden, router_logits, kv, dropped = layer(hidden, positions, query_slots, key_valid, kv)
+            hidden, router_logits, kv, dropped = layer(hidden, positions, query_slots, key_valid, kv, key)
             return hidden, (router_logits, kv, dropped)
 
         if self.config.remat_policy != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.config.remat_policy])
         if self.config.scan_layers and layers is None:
-            x, (router_logits, kv, dropped) = jax.lax.scan(body, x, (state, cache_kv))
+            x, (router_logits, kv, dropped) = jax.lax.scan(body, x, (state, cache_kv, layer_keys))
             return x, router_logits, kv, dropped
         outputs = []
         for i in range(self.config.num_hidden_layers):
             layer = layers[i] if layers is not None else jax.tree.map(lambda a: a[i], state)
-            x, out = body(x, (layer, jax.tree.map(lambda a: a[i], cache_kv)))
+            x, out = body(x, (layer, *jax.tree.map(lambda a: a[i], (cache_kv, layer_keys))))
             outputs.append(out)
         router_logits, kv, dropped = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
         return x, router_logits, kv, dropped

@@ -47,15 +47,15 @@ class SparseMoE(nnx.Module):
             weight = getattr(self, name)
             attach(self, name, weight.shape, 1, weight.get_metadata()["logical_axes"], lora, rngs, leading=1)
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, S, D] -> (output [B, S, D], router logits [B, S, E] in fp32, number of dropped assignments)."""
         cfg = self.config
         dtype = x.dtype
-        logits = project(x, read(self.gate, dtype), adapter_of(self, "gate", dtype), 1).astype(jnp.float32)
+        logits = project(x, read(self.gate, dtype), adapter_of(self, "gate", dtype, dropout_key), 1).astype(jnp.float32)
         expert_ids, expert_weights = route(logits, cfg.num_experts_per_tok)
         expert_weights = expert_weights.astype(dtype)
         # Each expert weight travels with its adapter (or None): (W [E, in, out], Adapter | None).
-        w1, w2, w3 = ((read(getattr(self, n), dtype), adapter_of(self, n, dtype)) for n in ("w1", "w2", "w3"))
+        w1, w2, w3 = ((read(getattr(self, n), dtype), adapter_of(self, n, dtype, dropout_key)) for n in ("w1", "w2", "w3"))
         if cfg.moe_backend == "dense":
             out, dropped = dense_experts(x, expert_ids, expert_weights, w1, w2, w3), jnp.int32(0)
         elif cfg.moe_backend == "dropless" and active_mesh() is not None:
@@ -83,7 +83,7 @@ def _swiglu(x, w1, w3, w2, matmul):
         w, adapter = weight if isinstance(weight, tuple) else (weight, None)
         out = matmul(lhs, w)
         if adapter is not None:
-            out = out + adapter.scale * matmul(matmul(lhs, adapter.a), adapter.b)
+            out = out + adapter.scale * matmul(matmul(adapter.input(lhs), adapter.a), adapter.b)
         return out
 
     return apply(jax.nn.silu(apply(x, w1)) * apply(x, w3), w2)
@@ -139,13 +139,19 @@ def dropless_expert_parallel(x, expert_ids, expert_weights, w1, w2, w3, config: 
     # Adapters split like their weights: A [E, in, r] by the weight's input dims, B [E, r, out] by its output.
     w13_adapter_spec = (experts_only, PartitionSpec(w13_spec[0], None, w13_spec[2]))
     w2_adapter_spec = (PartitionSpec(w2_spec[0], w2_spec[1], None), experts_only)
-    scales = {name: (w[1].scale if w[1] is not None else None) for name, w in (("w1", w1), ("w2", w2), ("w3", w3))}
+    adapters = {name: w[1] for name, w in (("w1", w1), ("w2", w2), ("w3", w3))}
 
     def strip(weight):  # shard_map takes arrays only; the scales travel by closure
         return weight[0], (None if weight[1] is None else (weight[1].a, weight[1].b))
 
-    def dress(weight, name):
-        return weight[0], (None if weight[1] is None else Adapter(*weight[1], scales[name]))
+    def dress(weight, name):  # the scales and dropout keys travel by closure; each token shard its own mask
+        if weight[1] is None:
+            return weight[0], None
+        adapter = adapters[name]
+        key = adapter.key
+        if key is not None:
+            key = jax.random.fold_in(key, jax.lax.axis_index(("data", "fsdp", "expert")))
+        return weight[0], Adapter(*weight[1], adapter.scale, adapter.dropout, key)
 
     def spec(weight, base, adapter):
         return base, (None if weight[1] is None else adapter)

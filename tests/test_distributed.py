@@ -35,7 +35,7 @@ WORKER = textwrap.dedent("""
     batch = distributed.global_batch(local, step.batch_shardings, 8)
     sharding.shard_model(model, mesh)
     params, frozen = step.split(model)
-    grads, metrics = step.grads(params, batch, frozen)
+    grads, metrics = step.grads(params, batch, frozen, None)
     norm = jax.jit(lambda g: optax.tree.norm(g), out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))(grads)
     print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
                       "local_devices": jax.local_device_count(), "rows": [rows.start, rows.stop],

@@ -71,7 +71,7 @@ def test_qlora_loss_falls_and_only_adapters_change():
     batch = {"input_ids": ids, "labels": ids, "attention_mask": np.ones_like(ids)}
     losses = []
     for _ in range(30):
-        params, opt_state, metrics = step.step(params, opt_state, batch, frozen)
+        params, opt_state, metrics = step.step(params, opt_state, batch, frozen, None)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.9 * losses[0] and np.mean(losses[-5:]) < np.mean(losses[:5]), losses
 

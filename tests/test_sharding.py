@@ -33,7 +33,7 @@ def single_device(batch):
     model = mj.Mixtral(CONFIG.replace(moe_backend="dense"), rngs=nnx.Rngs(0))
     mesh = sharding.make_mesh("data=1", devices=jax.devices()[:1])
     step = make_train_step(model, optax.sgd(0.1), mesh, BATCH)
-    grads, metrics = step.grads(*_with_batch(step.split(model), batch))
+    grads, metrics = step.grads(*_with_batch(step.split(model), batch), None)
     return jax.device_get(grads), jax.device_get(metrics)
 
 
@@ -50,7 +50,7 @@ def test_sharded_loss_and_gradients_equal_one_device(single_device, batch, spec,
     mesh = sharding.make_mesh(spec, config=CONFIG)
     step = make_train_step(model, optax.sgd(0.1), mesh, BATCH)
     params, frozen = step.split(model)
-    grads, metrics = step.grads(params, batch, frozen)
+    grads, metrics = step.grads(params, batch, frozen, None)
     evaluated = step.evaluate(params, batch, frozen)
     for key in ("loss", "aux_loss"):
         assert abs(float(metrics[key]) - float(ref_metrics[key])) < 1e-5, key
@@ -82,8 +82,8 @@ def test_a_sharded_train_step_updates_like_one_device(batch):
         mesh = sharding.make_mesh(spec, devices=devices, config=CONFIG)
         step = make_train_step(model, optimizer, mesh, BATCH)
         params, frozen = step.split(model)
-        params, opt_state, metrics = step.step(params, step.init_opt_state(params), batch, frozen)
-        params, _, metrics = step.step(params, opt_state, batch, frozen)
+        params, opt_state, metrics = step.step(params, step.init_opt_state(params), batch, frozen, None)
+        params, _, metrics = step.step(params, opt_state, batch, frozen, None)
         results.append((jax.device_get(params), float(metrics["loss"])))
     (single, loss_single), (sharded, loss_sharded) = results
     assert abs(loss_single - loss_sharded) < 1e-5

@@ -42,7 +42,7 @@ def test_four_micro_batches_equal_one_batch_of_four_times_the_rows():
     for micro in (1, 4):
         step = make_train_step(model, optax.sgd(0.1), _mesh(), (8, 12), micro_batches=micro, aux_loss_coef=0.0)
         params, frozen = step.split(model)
-        results.append(jax.device_get(step.grads(params, batch, frozen)))
+        results.append(jax.device_get(step.grads(params, batch, frozen, None)))
     (g1, m1), (g4, m4) = results
     assert abs(float(m1["lm_loss"]) - float(m4["lm_loss"])) < 1e-6
     assert int(m1["tokens"]) == int(m4["tokens"]) == int(np.sum(batch["labels"][:, 1:] != -100))
@@ -60,8 +60,8 @@ def test_lora_step_trains_only_adapters_and_modules_to_save():
     optimizer_leaves = jax.tree.leaves(step.init_opt_state(params))
     # Optimizer memory follows the trainable parameters: two moments each, nothing for the frozen base.
     assert sum(x.size for x in optimizer_leaves) <= 2 * sum(x.size for x in jax.tree.leaves(params)) + 8
-    params, opt_state, _ = step.step(params, step.init_opt_state(params), _batch(), frozen)
-    params, _, _ = step.step(params, opt_state, _batch(), frozen)  # B moved in step 1, so A has a gradient now
+    params, opt_state, _ = step.step(params, step.init_opt_state(params), _batch(), frozen, None)
+    params, _, _ = step.step(params, opt_state, _batch(), frozen, None)  # B moved in step 1, so A has a gradient now
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(before[0])]
     assert any("lora_a" in n for n in names) and any("embed_tokens" in n for n in names)
     assert not any(".w1'" in n or "'w1'" in n for n in names)  # the base experts are frozen inputs
@@ -83,7 +83,7 @@ def test_loss_falls_over_30_steps_on_a_fixed_batch(lora):
     batch = _batch()
     losses = []
     for _ in range(30):
-        params, opt_state, metrics = step.step(params, opt_state, batch, frozen)
+        params, opt_state, metrics = step.step(params, opt_state, batch, frozen, None)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.9 * losses[0] and np.mean(losses[-5:]) < np.mean(losses[:5]), losses
     assert np.isfinite(losses).all()
@@ -98,3 +98,19 @@ def test_schedule_warms_up_then_decays_to_zero():
 def test_micro_batches_must_divide_the_batch():
     with pytest.raises(ValueError, match="micro-batches"):
         make_train_step(mj.Mixtral(CONFIG, rngs=nnx.Rngs(0)), optax.sgd(0.1), _mesh(), (6, 12), micro_batches=4)
+
+
+def test_lora_dropout_is_seeded_and_off_without_a_key():
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.3)
+    model = mj.Mixtral(CONFIG, rngs=nnx.Rngs(0), lora=lora)
+    for path, variable in nnx.iter_graph(model):  # non-zero B, or dropout on A's input could not show
+        if isinstance(variable, LoRAParam) and str(path[-1]).endswith("_lora_b"):
+            variable.set_value(0.1 * jax.random.normal(jax.random.key(len(path)), variable.get_value().shape))
+    step = make_train_step(model, optax.sgd(0.1), _mesh(), (8, 12), trainable=LoRAParam, micro_batches=2)
+    params, frozen = step.split(model)
+    batch = _batch()
+    plain = float(step.grads(params, batch, frozen, None)[1]["loss"])
+    assert plain == pytest.approx(float(step.evaluate(params, batch, frozen)["loss"]), abs=1e-6)
+    first, again, other = (float(step.grads(params, batch, frozen, jax.random.key(seed))[1]["loss"])
+                           for seed in (1, 1, 2))
+    assert first == again and first != other and first != plain

@@ -216,7 +216,7 @@ def plan(config: MixtralConfig, mesh_spec: str, batch: int, seq: int, *, devices
                  f"(mesh {_mesh_text(mesh)}, batch {batch} x {seq}); this can take a minute ...")
     start = time.perf_counter()
     frozen = jax.tree.map(sharded, abstract_frozen, step.frozen_shardings)
-    lowered = step.step.lower(params, opt_state, batch_in, frozen)
+    lowered = step.step.lower(params, opt_state, batch_in, frozen, None)
     lower_seconds = time.perf_counter() - start
     start = time.perf_counter()
     compiled = lowered.compile()

@@ -23,8 +23,8 @@ BATCH_KEYS = ("input_ids", "labels", "attention_mask")
 
 
 class TrainStep(NamedTuple):
-    step: Callable             # (params, opt_state, batch, frozen) -> (params, opt_state, metrics); donates 0, 1
-    grads: Callable            # (params, batch, frozen) -> (grads, metrics)
+    step: Callable             # (params, opt_state, batch, frozen, dropout_key|None) -> (params, opt_state, metrics)
+    grads: Callable            # (params, batch, frozen, dropout_key|None) -> (grads, metrics)
     evaluate: Callable         # (params, batch, frozen) -> metrics, no gradients
     init_opt_state: Callable   # params -> opt_state, placed with its shardings
     split: Callable            # model -> (params, frozen), placed with their shardings
@@ -54,37 +54,42 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
     coef = model.config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
     micro_rows = batch_shape[0] // micro_batches
 
-    def micro_loss(params, frozen, micro, total_tokens):
+    def micro_loss(params, frozen, micro, total_tokens, dropout_key):
         with use_mesh(mesh, rules):
-            out = nnx.merge(graphdef, params, frozen)(micro["input_ids"], micro["attention_mask"])
+            out = nnx.merge(graphdef, params, frozen)(micro["input_ids"], micro["attention_mask"],
+                                                      dropout_key=dropout_key)
         nll_sum, tokens = next_token_nll(out.logits, micro["labels"])
         loss = nll_sum / total_tokens + coef * out.aux_loss / micro_batches
         return loss, {"nll_sum": nll_sum, "tokens": tokens, "aux_loss": out.aux_loss / micro_batches,
                       "dropped_tokens": out.dropped_tokens}
 
-    def loss_and_grads(params, batch, frozen, with_grads=True):
+    def loss_and_grads(params, batch, frozen, dropout_key, with_grads=True):
+        """dropout_key (a jax.random key) turns LoRA dropout on; each micro-batch folds in its index."""
         total_tokens = jnp.maximum(jnp.sum(batch["labels"][:, 1:] != -100), 1)
         micros = jax.tree.map(lambda a: a.reshape(micro_batches, micro_rows, *a.shape[1:]), batch)
+        keys = None if dropout_key is None else jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(
+            jnp.arange(micro_batches))
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-        def one_micro(grads, micro):
+        def one_micro(grads, inputs):
+            micro, key = inputs
             if with_grads:
-                (_, metrics), micro_grads = grad_fn(params, frozen, micro, total_tokens)
+                (_, metrics), micro_grads = grad_fn(params, frozen, micro, total_tokens, key)
                 grads = jax.tree.map(jnp.add, grads, micro_grads)
             else:
-                _, metrics = micro_loss(params, frozen, micro, total_tokens)
+                _, metrics = micro_loss(params, frozen, micro, total_tokens, key)
             return grads, metrics
 
         zeros = jax.tree.map(jnp.zeros_like, params) if with_grads else None
-        grads, metrics = jax.lax.scan(one_micro, zeros, micros)
+        grads, metrics = jax.lax.scan(one_micro, zeros, (micros, keys))
         lm_loss = jnp.sum(metrics["nll_sum"]) / total_tokens
         aux = jnp.sum(metrics["aux_loss"])
         summary = {"loss": lm_loss + coef * aux, "lm_loss": lm_loss, "aux_loss": aux,
                    "tokens": jnp.sum(metrics["tokens"]), "dropped_tokens": jnp.sum(metrics["dropped_tokens"])}
         return grads, summary
 
-    def train_step(params, opt_state, batch, frozen):
-        grads, metrics = loss_and_grads(params, batch, frozen)
+    def train_step(params, opt_state, batch, frozen, dropout_key):
+        grads, metrics = loss_and_grads(params, batch, frozen, dropout_key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
         return optax.apply_updates(params, updates), opt_state, metrics
@@ -94,11 +99,12 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
         return jax.device_put(params, p_shardings), jax.device_put(frozen, f_shardings)
 
     return TrainStep(
-        step=jax.jit(train_step, in_shardings=(p_shardings, o_shardings, b_shardings, f_shardings),
+        step=jax.jit(train_step, in_shardings=(p_shardings, o_shardings, b_shardings, f_shardings, None),
                      out_shardings=(p_shardings, o_shardings, replicated), donate_argnums=(0, 1)),
-        grads=jax.jit(loss_and_grads, in_shardings=(p_shardings, b_shardings, f_shardings),
+        grads=jax.jit(loss_and_grads,
+                      in_shardings=(p_shardings, b_shardings, f_shardings, None),
                       out_shardings=(p_shardings, replicated)),
-        evaluate=jax.jit(lambda params, batch, frozen: loss_and_grads(params, batch, frozen, with_grads=False)[1],
+        evaluate=jax.jit(lambda params, batch, frozen: loss_and_grads(params, batch, frozen, None, False)[1],
                          in_shardings=(p_shardings, b_shardings, f_shardings), out_shardings=replicated),
         init_opt_state=jax.jit(optimizer.init, in_shardings=(p_shardings,), out_shardings=o_shardings),
         split=split, param_shardings=p_shardings, frozen_shardings=f_shardings, opt_shardings=o_shardings,
