@@ -27,8 +27,9 @@ class LoRAParam(nnx.Param):
 class LoraConfig:
     rank: int = 64
     alpha: float = 128.0
-    dropout: float = 0.05  # applied by the trainer to the adapter input; not in the forward here
+    dropout: float = 0.05  # on the adapter's input, when the forward is given a dropout key (training)
     targets: tuple[str, ...] = TARGETS
+    dtype: str = "float32"  # adapters (and so their optimizer state) stay fp32 under a bf16 base
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank <= 0:
@@ -98,7 +99,7 @@ def attach(module: nnx.Module, name: str, weight_shape: tuple[int, ...], contrac
         return
     lead, rest = weight_shape[:leading], weight_shape[leading:]
     a, b = make_pair(rngs.params(), lead, rest[:contracted], rest[contracted:], config.rank,
-                     jnp.dtype(module.config.param_dtype), axes[:leading], axes[leading:leading + contracted],
+                     jnp.dtype(config.dtype), axes[:leading], axes[leading:leading + contracted],
                      axes[leading + contracted:])
     setattr(module, f"{name}_lora_a", a)
     setattr(module, f"{name}_lora_b", b)

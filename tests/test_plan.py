@@ -83,6 +83,22 @@ def test_mixtral_8x7b_plans_on_eight_simulated_devices(tmp_path):
     assert not plan["fits"]["H100"]["fits"]  # full AdamW fine-tuning needs more than 8 x 80 GB
 
 
+def test_qlora_plan_of_mixtral_8x7b_counts_adapters_and_the_nf4_base(tmp_path):
+    out = tmp_path / "qlora.json"
+    result = run_plan_subprocess("--preset", "mixtral-8x7b", "--mesh", "fsdp=2,expert=4", "--batch", "8",
+                                 "--seq", "1024", "--qlora", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    plan = json.loads(out.read_text())
+    hand, b = plan["hand"], plan["bytes"]
+    assert hand["matches"] and b["params"] == hand["params"] and b["frozen"] == hand["frozen"]
+    # r 64 on q, k, v, o, router and every expert's w1, w2, w3: 0.97B adapter parameters, 2.1% of the model.
+    assert 0.96e9 < hand["adapter_count"] < 0.98e9
+    # The NF4 base: 4.5 bits for the layers' linear weights (46.4B), bf16 embeddings and LM head: 26.6 GB.
+    assert 26.5e9 < hand["frozen_total"] < 26.8e9
+    assert b["optimizer"] == 2 * b["params"] + 4  # fp32 moments of fp32 adapters
+    assert plan["fits"]["TPU v5e"]["fits"]  # QLoRA of Mixtral-8x7B fits eight 16 GB chips
+
+
 def test_plan_reruns_itself_when_jax_started_with_too_few_devices(tmp_path):
     assert len(jax.devices()) < 16  # started by conftest with 8
     out = tmp_path / "p.json"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+from mixtral_jax.lora import LoraConfig
 import os
 import subprocess
 import sys
@@ -25,6 +27,8 @@ def register(commands) -> None:
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--devices", type=int, default=None, help="simulated devices (default: the mesh's product)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw"])
+    p.add_argument("--qlora", action="store_true",
+                   help="plan QLoRA: the paper's adapters (r 64, alpha 128, all 8 targets) over an NF4 base")
     p.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16", "param"],
                    help="dtype of AdamW's mu and nu ('param': the parameters' dtype, optax's default)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the plan as JSON to OUT ('-': stdout "
@@ -40,6 +44,8 @@ def _argv(args) -> list[str]:
         argv += ["--devices", str(args.devices)]
     if args.json is not None:
         argv += ["--json", args.json]
+    if args.qlora:
+        argv.append("--qlora")
     return argv + list(args.overrides)
 
 
@@ -75,7 +81,8 @@ def run(args) -> int:
         print(message, file=sys.stderr, flush=True)
 
     result = plan(config, args.mesh, args.batch, args.seq, devices=devices, optimizer=args.optimizer,
-                  state_dtype=args.state_dtype, preset=args.preset, overrides=args.overrides, progress=progress)
+                  state_dtype=args.state_dtype, preset=args.preset, overrides=args.overrides, progress=progress,
+                  qlora=LoraConfig() if args.qlora else None)
     if args.json == "-":
         print(json.dumps(result.to_json(), indent=2))
     else:

@@ -27,7 +27,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.lora import LoRAParam, LoraConfig
 from mixtral_jax.model import Mixtral
+from mixtral_jax.quantized import BLOCK, QUANTIZED, quantize_base
 from mixtral_jax.sharding import MESH_AXES, MeshError, default_rules, make_mesh, parse_mesh_spec
 from train.step import BATCH_KEYS, make_train_step
 
@@ -180,7 +182,7 @@ class Plan:
 
 def plan(config: MixtralConfig, mesh_spec: str, batch: int, seq: int, *, devices: Sequence[jax.Device] | None = None,
          optimizer: str = "adamw", state_dtype: str = "float32", preset: str = "", overrides: Sequence[str] = (),
-         progress: Callable[[str], None] | None = None) -> Plan:
+         progress: Callable[[str], None] | None = None, qlora: LoraConfig | None = None) -> Plan:
     """Lowers and compiles the train step for `config` on the mesh `mesh_spec` over `devices` (default: as many
     CPU devices as the spec names) with a [batch, seq] batch, and returns its per-device memory figures."""
     if batch <= 0 or seq <= 0:
@@ -197,10 +199,14 @@ def plan(config: MixtralConfig, mesh_spec: str, batch: int, seq: int, *, devices
         raise MeshError(f"--batch {batch} is not divisible by data x fsdp x expert = {batch_shards}, "
                         f"the axes the batch is split over")
 
-    model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))  # shapes only, nothing allocated
+    if qlora is None:
+        model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))  # shapes only, nothing allocated
+    else:  # adapters train, the decoder layers' linear weights stay frozen in NF4
+        model = nnx.eval_shape(lambda: quantize_base(Mixtral(config, rngs=nnx.Rngs(0), lora=qlora)))
+    trainable = nnx.Param if qlora is None else LoRAParam
     tx = make_optimizer(optimizer, state_dtype)
-    step = make_train_step(model, tx, mesh, (batch, seq))
-    _, abstract_params, abstract_frozen = nnx.split(model, nnx.Param, ...)
+    step = make_train_step(model, tx, mesh, (batch, seq), trainable=trainable)
+    _, abstract_params, abstract_frozen = nnx.split(model, trainable, ...)
 
     def sharded(leaf, sharding):
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
@@ -210,12 +216,13 @@ def plan(config: MixtralConfig, mesh_spec: str, batch: int, seq: int, *, devices
     batch_in = {key: jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=step.batch_shardings[key])
                 for key in BATCH_KEYS}
 
-    hand = hand_count(config, params, batch_in, mesh, state_dtype)
+    frozen = jax.tree.map(sharded, abstract_frozen, step.frozen_shardings)
+    hand = (hand_count(config, params, batch_in, mesh, state_dtype) if qlora is None
+            else qlora_hand_count(config, qlora, params, frozen, batch_in, state_dtype))
     if progress:
         progress(f"compiling the {preset or 'model'} train step for {len(devices)} simulated devices "
                  f"(mesh {_mesh_text(mesh)}, batch {batch} x {seq}); this can take a minute ...")
     start = time.perf_counter()
-    frozen = jax.tree.map(sharded, abstract_frozen, step.frozen_shardings)
     lowered = step.step.lower(params, opt_state, batch_in, frozen, None)
     lower_seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -227,6 +234,7 @@ def plan(config: MixtralConfig, mesh_spec: str, batch: int, seq: int, *, devices
 
     figures = {
         "params": _per_device(params),
+        "frozen": _per_device(frozen),
         "optimizer": _per_device(opt_state),
         "batch": _per_device(batch_in),
         "arguments": int(memory.argument_size_in_bytes),
@@ -254,6 +262,40 @@ def plan(config: MixtralConfig, mesh_spec: str, batch: int, seq: int, *, devices
                 host_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
+def qlora_hand_count(config: MixtralConfig, lora: LoraConfig, params, frozen, batch_in: Mapping,
+                     state_dtype: str) -> dict[str, Any]:
+    """QLoRA per device: adapters r (in + out) per targeted weight (per expert for w1, w2, w3) in the adapter
+    dtype (fp32) with AdamW moments in `state_dtype`; the frozen NF4 weights at 4 bits plus one fp32 scale per 64
+    values; embeddings, LM head and norms in the parameter dtype. Divided by each array's shards."""
+    d, f, e = config.hidden_size, config.intermediate_size, config.num_local_experts
+    h, kv, hd, layers = (config.num_attention_heads, config.num_key_value_heads, config.resolved_head_dim,
+                         config.num_hidden_layers)
+    sizes = {"q_proj": (d, h * hd, 1), "k_proj": (d, kv * hd, 1), "v_proj": (d, kv * hd, 1),
+             "o_proj": (h * hd, d, 1), "gate": (d, e, 1), "w1": (d, f, e), "w3": (d, f, e), "w2": (f, d, e)}
+    adapter_count = sum(layers * copies * lora.rank * (n_in + n_out)
+                        for name, (n_in, n_out, copies) in sizes.items() if name in lora.targets)
+    param_bytes = jnp.dtype(config.param_dtype).itemsize
+    adapter_bytes = jnp.dtype(lora.dtype).itemsize
+    state_bytes = adapter_bytes if state_dtype == "param" else jnp.dtype(state_dtype).itemsize
+    leaves = jax.tree.leaves(params)
+    if sum(math.prod(leaf.shape) for leaf in leaves) != adapter_count:
+        raise AssertionError("the model's adapters differ from the LoRA formula")
+    adapter_elements = sum(math.prod(leaf.shape) // _shards(leaf.sharding) for leaf in leaves)
+    shapes = config_param_shapes(config)
+    quantised = {n: s for n, s in shapes.items() if n.split(".")[-1] in QUANTIZED}
+    nf4_bytes = sum(math.prod(s) // 2 + math.prod(s) // BLOCK * 4 for s in quantised.values())
+    other_bytes = sum(math.prod(s) for n, s in shapes.items() if n not in quantised) * param_bytes
+    frozen_per_device = _per_device(frozen)  # its split follows the weights' rules, checked in the tests
+    batch_shards = _shards(next(iter(batch_in.values())).sharding)
+    batch_per_device = len(batch_in) * math.prod(next(iter(batch_in.values())).shape) * 4 // batch_shards
+    return {"param_count": config_param_count(config), "adapter_count": adapter_count,
+            "params": adapter_elements * adapter_bytes, "optimizer": 2 * adapter_elements * state_bytes + 4,
+            "frozen_total": nf4_bytes + other_bytes, "frozen": frozen_per_device, "batch": batch_per_device,
+            "arguments": adapter_elements * adapter_bytes + 2 * adapter_elements * state_bytes + 4
+            + frozen_per_device + batch_per_device,
+            "gradients": adapter_elements * adapter_bytes}
+
+
 def hand_count(config: MixtralConfig, params, batch_in: Mapping, mesh: Mesh, state_dtype: str) -> dict[str, Any]:
     """Per-device bytes counted by hand: each parameter's size from the config formula, times its dtype's bytes,
     over the number of shards its partition spec cuts it into; AdamW's mu and nu alike in `state_dtype`,
@@ -274,7 +316,7 @@ def hand_count(config: MixtralConfig, params, batch_in: Mapping, mesh: Mesh, sta
     batch_shards = _shards(next(iter(batch_in.values())).sharding)
     batch_per_device = len(batch_in) * math.prod(next(iter(batch_in.values())).shape) * 4 // batch_shards
     return {"param_count": config_param_count(config), "params": params_per_device,
-            "optimizer": optimizer_per_device, "batch": batch_per_device,
+            "optimizer": optimizer_per_device, "batch": batch_per_device, "frozen": 0,
             "arguments": params_per_device + optimizer_per_device + batch_per_device,
             "gradients": params_per_device}  # one per parameter, sharded alike: part of the temporaries
 
@@ -306,6 +348,7 @@ def format_plan(p: Plan) -> str:
         "per device                      GiB    hand count",
         f"  parameters              {_gib(b['params'])}    {_gib(h['params'])}",
         f"  optimizer state         {_gib(b['optimizer'])}    {_gib(h['optimizer'])}",
+        f"  frozen base             {_gib(b['frozen'])}    {_gib(h['frozen'])}",
         f"  batch                   {_gib(b['batch'])}    {_gib(h['batch'])}",
         f"  arguments (compiled)    {_gib(b['arguments'])}    {_gib(h['arguments'])}   "
         f"difference {100 * h['relative_difference']:.2f}% ({'ok' if h['matches'] else 'MISMATCH'})",
