@@ -13,6 +13,7 @@ USER_ERRORS = (ConfigError, CheckpointError, TokenizerError, FileNotFoundError, 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bench.cli import register as register_bench
     from convert.cli import register as register_convert
     from mixtral_jax.generate_cli import register as register_generate
     from train.cli import register as register_train
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_generate(commands)
     register_convert(commands)
     register_train(commands)
+    register_bench(commands)
     return parser
 
 
