@@ -69,6 +69,8 @@ from mixtral_jax.flops import flop_counts
 from mixtral_jax import MixtralConfig
 from mixtral_jax.generation import SamplingConfig, generate
 
+from bench.timing import median_seconds
+
 BATCH, SEQ = 4, 256
 PROMPT, NEW_TOKENS = 32, 64
 
@@ -88,19 +90,7 @@ BACKEND_GROUPS = {
 DEFAULT_BACKEND = "dropless-blocked"  # the library's default (moe_backend dropless, grouped_matmul blocked)
 
 
-# ------------------------------------------------------------------------------------------------ FLOPs
 # ------------------------------------------------------------------------------------------------ timing
-def _median_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _alternate(fn_a, fn_b, repeats: int, warmup: int = 2) -> tuple[list[float], list[float]]:
     for _ in range(warmup):
         fn_a()
@@ -120,9 +110,9 @@ def measure_peak(n: int = 2048, repeats: int = 7) -> dict:
     x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     y = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     mm = jax.jit(lambda a, b: a @ b)
-    jax_t = _median_time(lambda: mm(x, y).block_until_ready(), repeats, warmup=2)
+    jax_t = median_seconds(lambda: mm(x, y).block_until_ready(), repeats, warmup=2)
     tx, ty = torch.randn(n, n), torch.randn(n, n)
-    torch_t = _median_time(lambda: torch.mm(tx, ty), repeats, warmup=2)
+    torch_t = median_seconds(lambda: torch.mm(tx, ty), repeats, warmup=2)
     flops = 2 * n**3
     return {"matmul": f"{n}x{n}x{n} fp32", "jax_flops_per_s": flops / jax_t, "torch_flops_per_s": flops / torch_t,
             "jax_seconds": jax_t, "torch_seconds": torch_t}
@@ -325,7 +315,7 @@ def component_breakdown(model, hf, cfg: MixtralConfig, repeats: int, peak: float
         logits = jnp.einsum("bsd,de->bse", x, layer.block_sparse_moe.gate[...], preferred_element_type=jnp.float32)
         return route(logits, cfg.num_experts_per_tok)
 
-    o = _median_time(lambda: jax.block_until_ready(router_only(layer0_state, x_j)), max(5, repeats))
+    o = median_seconds(lambda: jax.block_until_ready(router_only(layer0_state, x_j)), max(5, repeats))
     out["parts"]["moe router+top-k (1 layer)"] = {"ours_ms": o * 1e3, "transformers_ms": None, "ratio": None,
                                                    "ours_frac_peak": tokens * flops["router"] / layers / o / peak,
                                                    "transformers_frac_peak": None, "times_per_forward": layers}

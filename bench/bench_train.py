@@ -57,6 +57,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.timing import median_seconds
+
 # Only the standard library at module level: each child process imports its own framework, never the other's.
 
 MODES = ("full", "lora", "qlora")
@@ -114,7 +116,6 @@ class RssPeaks:
                 "steps_peak_rss_mb": steps}
 
 
-# ------------------------------------------------------------------------------------------------ FLOPs
 def lora_train_flops_per_token(cfg, rank: int = LORA_RANK) -> int:
     """6 r (in + out) per adapted weight and token, our layout (separate w1, w3, w2; top-k experts)."""
     d, f, e, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
@@ -136,17 +137,6 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def jax_matmul_peak() -> float:
     """FLOP/s of a jitted 2048^3 fp32 matmul, as bench_model.measure_peak measures JAX's (that module imports
     torch and transformers at module level, which would add ~430 MB to the RSS measured here)."""
@@ -156,7 +146,7 @@ def jax_matmul_peak() -> float:
     x = jax.random.normal(jax.random.key(0), (PEAK_N, PEAK_N), jnp.float32)
     y = jax.random.normal(jax.random.key(1), (PEAK_N, PEAK_N), jnp.float32)
     mm = jax.jit(lambda a, b: a @ b)
-    seconds = _median_seconds(lambda: mm(x, y).block_until_ready(), PEAK_REPEATS, warmup=2)
+    seconds = median_seconds(lambda: mm(x, y).block_until_ready(), PEAK_REPEATS, warmup=2)
     return 2 * PEAK_N**3 / seconds
 
 
@@ -164,7 +154,7 @@ def torch_matmul_peak() -> float:
     import torch
 
     x, y = torch.randn(PEAK_N, PEAK_N), torch.randn(PEAK_N, PEAK_N)
-    seconds = _median_seconds(lambda: torch.mm(x, y), PEAK_REPEATS, warmup=2)
+    seconds = median_seconds(lambda: torch.mm(x, y), PEAK_REPEATS, warmup=2)
     return 2 * PEAK_N**3 / seconds
 
 
@@ -279,9 +269,9 @@ def _ours_breakdown(step, optimizer, params, opt_state, frozen, batch, repeats: 
 
     _log("  breakdown: forward, forward+backward, optimizer")
     repeats = max(3, repeats)
-    fwd = _median_seconds(lambda: jax.block_until_ready(step.evaluate(params, batch, frozen)), repeats)
+    fwd = median_seconds(lambda: jax.block_until_ready(step.evaluate(params, batch, frozen)), repeats)
     extra = _no_dropout(step)
-    fwd_bwd = _median_seconds(lambda: jax.block_until_ready(step.grads(params, batch, frozen, *extra)), repeats)
+    fwd_bwd = median_seconds(lambda: jax.block_until_ready(step.grads(params, batch, frozen, *extra)), repeats)
     grads, _ = step.grads(params, batch, frozen, *extra)
     memory = step.step.lower(params, opt_state, batch, frozen, *extra).compile().memory_analysis()
     compiled = {name: getattr(memory, f"{name}_size_in_bytes", None) for name in ("argument", "output", "alias", "temp")}
@@ -298,7 +288,7 @@ def _ours_breakdown(step, optimizer, params, opt_state, frozen, batch, repeats: 
         state["p"], state["o"] = update(state["p"], state["o"], grads)
         jax.block_until_ready((state["p"], state["o"]))
 
-    opt = _median_seconds(run_update, repeats)
+    opt = median_seconds(run_update, repeats)
     out = {"forward_ms": 1e3 * fwd, "forward_backward_ms": 1e3 * fwd_bwd, "optimizer_ms": 1e3 * opt}
     _log("  " + ", ".join(f"{k} {v:.1f}" for k, v in out.items()))
     out["step_compiled_mb"] = {k: None if v is None else v / 2**20 for k, v in compiled.items()}
