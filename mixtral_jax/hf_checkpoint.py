@@ -223,10 +223,10 @@ def from_pretrained(path: str | os.PathLike, dtype: str | None = None, *, mesh=N
         del buffer
     if lora is not None:
         init_adapters(model, lora_seed)
-        if mesh is not None:
-            from mixtral_jax.sharding import shard_model
-
-            shard_model(model, mesh)
+        for path, variable in nnx.iter_graph(model):  # only the adapters: the base is already placed
+            if isinstance(variable, LoRAParam):
+                name = ".".join(str(p) for p in path)
+                variable.set_value(placement(name, np.asarray(variable.get_value())))
     return model
 
 
