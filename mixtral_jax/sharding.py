@@ -21,7 +21,7 @@ import yaml
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mixtral_jax.config import ConfigError, MixtralConfig
+from mixtral_jax.config import MixtralConfig
 from mixtral_jax.quantized import NF4Weight
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -184,6 +184,6 @@ def named_sharding(logical_axes: Sequence[str | None], shape: Sequence[int], mes
     return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules))
 
 
-__all__ = ["MESH_AXES", "MeshError", "ConfigError", "active_mesh", "check_mesh_fits", "constrain",
+__all__ = ["MESH_AXES", "MeshError", "active_mesh", "check_mesh_fits", "constrain",
            "default_rules", "logical_to_spec", "make_mesh", "named_sharding", "param_placer",
            "param_shardings", "parse_mesh_spec", "shard_model", "use_mesh"]
