@@ -31,13 +31,20 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def attention_mask(query_slots: jax.Array, key_valid: jax.Array, sliding_window: int | None) -> jax.Array:
-    """[B, T, S] bool: key slot s is visible from query slot t (causal, valid, inside the window)."""
-    key_slots = jnp.arange(key_valid.shape[-1])
+def visibility(query_slots: jax.Array, query_segments: jax.Array, key_segments: jax.Array,
+                   sliding_window: int | None) -> jax.Array:
+    """[B, T, S] bool: key slot s is visible from query slot t (causal, inside the window, same segment).
+
+    Segments are ints, 0 for padding or an empty slot: a plain 0/1 mask is one segment per row, packed
+    samples are 1, 2, 3, ... so that attention never crosses samples. A padding query sees every real key
+    before it, as transformers' masks let it (its output is never used, but it must not be NaN).
+    """
+    key_slots = jnp.arange(key_segments.shape[-1])
     visible = key_slots[None, None, :] <= query_slots[:, :, None]
     if sliding_window is not None:
         visible &= key_slots[None, None, :] > query_slots[:, :, None] - sliding_window
-    return visible & key_valid[:, None, :]
+    same = (key_segments[:, None, :] == query_segments[:, :, None]) | (query_segments[:, :, None] == 0)
+    return visible & same & (key_segments[:, None, :] > 0)
 
 
 class Attention(nnx.Module):
@@ -59,12 +66,12 @@ class Attention(nnx.Module):
             attach(self, name, weight.shape, 1, weight.get_metadata()["logical_axes"], lora, rngs)
         attach(self, "o_proj", self.o_proj.shape, 2, self.o_proj.get_metadata()["logical_axes"], lora, rngs)
 
-    def __call__(self, x, positions, query_slots, key_valid, cache_kv=None, dropout_key=None):
-        """x [B, T, D]; positions, query_slots [B, T]; key_valid [B, S].
+    def __call__(self, x, positions, mask, cache_kv=None, first_slot=None, dropout_key=None):
+        """x [B, T, D]; positions [B, T]; mask [B, T, S] from `visibility` (the same for every layer).
 
         Without a cache the keys are this call's own tokens (S = T). With `cache_kv` = (k, v), each
-        [B, S, kv_heads, hd], this call's keys are written at its slots (the same for every row) and
-        attention runs over the whole buffer. Returns (output [B, T, D], (k, v)).
+        [B, S, kv_heads, hd], this call's keys are written from slot `first_slot` on (the same for every
+        row) and attention runs over the whole buffer. Returns (output [B, T, D], (k, v)).
         """
         cfg = self.config
         dtype = x.dtype
@@ -73,10 +80,8 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
         if cache_kv is not None:
-            first_slot = query_slots[0, 0]
             k = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), first_slot, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), first_slot, axis=1)
-        mask = attention_mask(query_slots, key_valid, cfg.sliding_window)
         out = grouped_query_attention(q, k.astype(dtype), v.astype(dtype), mask)
         return project(out, read(self.o_proj, dtype), adapter_of(self, "o_proj", dtype, dropout_key), 2), (k, v)
 

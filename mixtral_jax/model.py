@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax.attention import Attention
+from mixtral_jax.attention import Attention, visibility
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.lora import LoraConfig
 from mixtral_jax.moe import SparseMoE
@@ -46,9 +46,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, pdtype)
         self.block_sparse_moe = SparseMoE(config, rngs=rngs, lora=lora)
 
-    def __call__(self, x, positions, query_slots, key_valid, cache_kv=None, dropout_key=None):
+    def __call__(self, x, positions, mask, cache_kv=None, first_slot=None, dropout_key=None):
         attention_key, moe_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        attn_out, kv = self.self_attn(self.input_layernorm(x), positions, query_slots, key_valid, cache_kv,
+        attn_out, kv = self.self_attn(self.input_layernorm(x), positions, mask, cache_kv, first_slot,
                                       attention_key)
         x = x + attn_out
         moe_out, router_logits, dropped = self.block_sparse_moe(self.post_attention_layernorm(x), moe_key)
@@ -107,7 +107,9 @@ class Mixtral(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  cache: KVCache | None = None, layers: list[DecoderLayer] | None = None,
                  dropout_key: jax.Array | None = None) -> MixtralOutput:
-        """input_ids [B, T]; attention_mask [B, T] (1 = real token, 0 = padding; left padding for generation).
+        """input_ids [B, T]; attention_mask [B, T]: 1 = real token, 0 = padding (left padding for generation),
+        or, for packed training rows, segment ids 1, 2, 3, ... (nondecreasing along the row): attention stays
+        inside a segment and positions restart at each one.
 
         `layers` (from `split_layers`) runs those modules, unrolled, instead of the stacked parameters.
         `dropout_key` turns on LoRA dropout (training).
@@ -115,21 +117,24 @@ class Mixtral(nnx.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         batch, length = input_ids.shape
-        mask = jnp.ones((batch, length), bool) if attention_mask is None else attention_mask.astype(bool)
-        rank = jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1
+        segments = (jnp.ones((batch, length), jnp.int32) if attention_mask is None
+                    else attention_mask.astype(jnp.int32))
+        mask = segments > 0
         if cache is None:
-            positions = jnp.where(mask, rank, 1)  # transformers' position_ids for padded rows
+            positions = jnp.where(mask, positions_in_segments(segments), 1)  # transformers' ids for padding
             query_slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-            key_valid = mask
-            cache_kv = None
+            key_segments, cache_kv, first_slot = segments, None, None
         else:
+            rank = jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1
             positions = jnp.where(mask, cache.next_position[:, None] + rank, 1)
             query_slots = jnp.broadcast_to(cache.length + jnp.arange(length, dtype=jnp.int32), (batch, length))
             key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask, cache.length, axis=1)
-            cache_kv = (cache.keys, cache.values)
+            key_segments, segments = key_valid.astype(jnp.int32), mask.astype(jnp.int32)
+            cache_kv, first_slot = (cache.keys, cache.values), cache.length
+        attn_mask = visibility(query_slots, segments, key_segments, cfg.sliding_window)
 
         x = constrain(self.embed_tokens[...].astype(dtype)[input_ids], ("batch", "length", "act_embed"))
-        x, router_logits, new_kv, dropped = self._run_layers(x, positions, query_slots, key_valid, cache_kv, layers,
+        x, router_logits, new_kv, dropped = self._run_layers(x, positions, attn_mask, cache_kv, first_slot, layers,
                                                              dropout_key)
         x = self.norm(x)
         head = self.embed_tokens[...].T if cfg.tie_word_embeddings else self.lm_head[...]
@@ -137,7 +142,7 @@ class Mixtral(nnx.Module):
 
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(keys=new_kv[0], values=new_kv[1], valid=key_valid, length=cache.length + length,
+            new_cache = KVCache(keys=new_kv[0], values=new_kv[1], valid=key_segments > 0, length=cache.length + length,
                                 next_position=cache.next_position + jnp.sum(mask, axis=-1, dtype=jnp.int32))
         aux = load_balancing_loss(router_logits, cfg.num_experts_per_tok, mask)
         return MixtralOutput(logits=logits, aux_loss=aux, router_logits=router_logits,
@@ -152,7 +157,7 @@ class Mixtral(nnx.Module):
         graphdef, state = nnx.split(self.layers)
         return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(self.config.num_hidden_layers)]
 
-    def _run_layers(self, x, positions, query_slots, key_valid, cache_kv, layers=None, dropout_key=None):
+    def _run_layers(self, x, positions, mask, cache_kv, first_slot, layers=None, dropout_key=None):
         graphdef, state = nnx.split(self.layers)
         layer_keys = None if dropout_key is None else jax.random.split(dropout_key, self.config.num_hidden_layers)
 
@@ -160,7 +165,7 @@ class Mixtral(nnx.Module):
             layer, kv, key = layer_inputs
             if not isinstance(layer, DecoderLayer):
                 layer = nnx.merge(graphdef, layer)
-            hidden, router_logits, kv, dropped = layer(hidden, positions, query_slots, key_valid, kv, key)
+            hidden, router_logits, kv, dropped = layer(hidden, positions, mask, kv, first_slot, key)
             return hidden, (router_logits, kv, dropped)
 
         if self.config.remat_policy != "none":
@@ -188,6 +193,16 @@ def _stacked_layers(config: MixtralConfig, rngs: nnx.Rngs, lora: LoraConfig | No
         if isinstance(variable, nnx.Variable):
             variable.set_metadata("logical_axes", ("layers", *variable.get_metadata()["logical_axes"]))
     return layers
+
+
+def positions_in_segments(segments: jax.Array) -> jax.Array:
+    """RoPE position of each token: how many real tokens of its segment come before it. With 0/1 masks this
+    is the count of earlier real tokens (transformers' cumsum - 1); segment ids must not decrease."""
+    real = segments > 0
+    rank = jnp.cumsum(real, axis=-1, dtype=jnp.int32) - 1
+    previous_max = jnp.pad(jax.lax.cummax(segments, axis=1), ((0, 0), (1, 0)))[:, :-1]
+    starts = real & (segments > previous_max)
+    return rank - jax.lax.cummax(jnp.where(starts, rank, 0), axis=1)
 
 
 def load_balancing_loss(router_logits: jax.Array, top_k: int, mask: jax.Array | None = None) -> jax.Array:

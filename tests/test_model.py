@@ -132,3 +132,24 @@ def test_load_balancing_loss_matches_transformers_and_uniform_router_gives_top_k
     for t in range(8):
         balanced[0, 0, t, [t, (t + 1) % 8]] = 5.0
     assert abs(float(mj.load_balancing_loss(jnp.asarray(balanced), 2)) - 2.0) < 1e-5
+
+
+def test_positions_restart_in_each_segment_and_equal_cumsum_for_plain_masks():
+    segments = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1], [1, 0, 1, 1, 2, 0, 2, 2]])
+    np.testing.assert_array_equal(np.asarray(mj.model.positions_in_segments(segments))[segments > 0],
+                                  np.array([0, 1, 2, 0, 1, 0] + [0, 1, 2, 3, 4, 5] + [0, 1, 2, 0, 1, 2]))
+
+
+def test_packed_samples_compute_what_each_sample_computes_alone(reference_dirs):
+    """Segment ids in attention_mask (packed SFT rows): no attention across samples, positions restart."""
+    ref_model, directory = reference_dirs("gqa4_top2_window")
+    model = mj.from_pretrained(directory)
+    lengths = (5, 4, 2)
+    ids = _ids(ref_model.config.vocab_size, batch=1, seq=sum(lengths) + 1)
+    segments = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [[0]])[None]
+    packed = np.asarray(model(jnp.asarray(ids), jnp.asarray(segments)).logits)[0]
+    start = 0
+    for n in lengths:
+        alone = np.asarray(model(jnp.asarray(ids[:, start:start + n])).logits)[0]
+        np.testing.assert_allclose(packed[start:start + n], alone, atol=1e-5, rtol=0)
+        start += n
