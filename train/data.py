@@ -1,0 +1,234 @@
+"""Pre-training data: where the text comes from, how it becomes fixed-size token blocks (as Chinese-Mixtral's
+`run_clm_pt_with_peft.py` builds them), and the shuffled, resumable, per-host batch iterator shared with SFT.
+
+Data stays in numpy: it is read on the host, and each host hands only its own rows to the device mesh.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+from itertools import chain, islice
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from mixtral_jax.distributed import host_rows
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+class DataError(ValueError):
+    """Unreadable training data; the message names the file (and line or record) at fault."""
+
+
+def read_texts(source: str, text_field: str = "text") -> Iterator[str]:
+    """The documents of `source`, one at a time; empty ones are skipped everywhere.
+
+    `source` is a `.txt` file (one document a line), a `.jsonl`/`.json` file (JSON lines, or one JSON list,
+    of objects with a string `text_field`), a directory or glob of such files (read in sorted order),
+    `hf:PATH_OR_NAME[:split]` (a dataset saved with `save_to_disk`, or a Hugging Face hub name),
+    `tfds:NAME[:split]` (TensorFlow Datasets, under $TFDS_DATA_DIR if set) or `bundled:NAME` (train/corpora.py).
+    The split defaults to "train".
+    """
+    if source.startswith("bundled:"):
+        from train import corpora
+
+        return iter(corpora.bundled_texts(source.removeprefix("bundled:")))
+    if source.startswith("hf:"):
+        return _hf_texts(source, text_field)
+    if source.startswith("tfds:"):
+        return _tfds_texts(source, text_field)
+    return (text for path in _text_files(source) for text in _file_texts(path, text_field) if text)
+
+
+def _name_and_split(rest: str) -> tuple[str, str]:
+    name, sep, split = rest.rpartition(":")
+    return (name, split) if sep else (rest, "train")
+
+
+def _hf_texts(source: str, text_field: str) -> Iterator[str]:
+    import datasets
+
+    rest = source.removeprefix("hf:")
+    name, split = (rest, "train") if os.path.isdir(rest) else _name_and_split(rest)
+    try:
+        if os.path.isdir(name):
+            dataset = datasets.load_from_disk(name)
+            if isinstance(dataset, datasets.DatasetDict):
+                dataset = dataset[split]
+        else:
+            dataset = datasets.load_dataset(name, split=split)
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"{source}: cannot load the dataset ({err})") from None
+    if text_field not in dataset.column_names:
+        raise DataError(f"{source}: no column {text_field!r} (columns: {', '.join(dataset.column_names)})")
+    return (text for batch in dataset.select_columns([text_field]).iter(batch_size=1000)
+            for text in batch[text_field] if text)
+
+
+def _tfds_texts(source: str, text_field: str) -> Iterator[str]:
+    if importlib.util.find_spec("tensorflow") is None:
+        raise DataError(f"{source}: tensorflow_datasets reads data through tensorflow, which is not installed; "
+                        "install it (pip install tensorflow) or convert the data to .jsonl")
+    import tensorflow_datasets as tfds
+
+    name, split = _name_and_split(source.removeprefix("tfds:"))
+    try:
+        dataset = tfds.load(name, split=split, data_dir=os.environ.get("TFDS_DATA_DIR"))
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"{source}: cannot load the dataset ({err})") from None
+    return _tfds_examples(source, tfds.as_numpy(dataset), text_field)
+
+
+def _tfds_examples(source: str, examples: Iterable[Mapping[str, Any]], text_field: str) -> Iterator[str]:
+    for example in examples:
+        if text_field not in example:
+            raise DataError(f"{source}: no feature {text_field!r} (features: {', '.join(example)})")
+        text = example[text_field]
+        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        if text:
+            yield text
+
+
+def _text_files(source: str) -> list[str]:
+    if os.path.isfile(source):
+        if not source.endswith(TEXT_SUFFIXES):
+            raise DataError(f"{source}: unknown data file type (expected {', '.join(TEXT_SUFFIXES)})")
+        return [source]
+    if os.path.isdir(source):
+        paths = glob.glob(os.path.join(glob.escape(source), "**", "*"), recursive=True)
+    else:
+        paths = glob.glob(source, recursive=True)
+    files = sorted(p for p in paths if os.path.isfile(p) and p.endswith(TEXT_SUFFIXES))
+    if not files:
+        raise DataError(f"{source}: no {'/'.join(TEXT_SUFFIXES)} files there")
+    return files
+
+
+def _file_texts(path: str, text_field: str) -> Iterator[str]:
+    if path.endswith(".txt"):
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    yield line.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        return
+    for where, record in json_records(path):
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{where}: no string field {text_field!r}")
+        yield text
+
+
+def json_records(path: str) -> Iterator[tuple[str, Any]]:
+    """(location, value) for each record of a JSON list file or a JSON lines file; the location
+    (`file: record i` or `file:line`) is what error messages about that record should start with."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+        f.seek(0)
+        if head.startswith(b"["):
+            try:
+                records = json.loads(f.read())
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+            yield from ((f"{path}: record {i}", record) for i, record in enumerate(records))
+            return
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line.decode("utf-8"))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def pretrain_blocks(texts: Iterable[str], tokenizer, block_size: int = 1024, group_lines: int = 1000,
+                    add_eos: bool = True) -> np.ndarray:
+    """int32 [N, block_size] token blocks, built as Chinese-Mixtral's run_clm_pt_with_peft.py builds them.
+
+    Each line is tokenised with BOS and, because their script sets `tokenizer.add_eos_token = True`, EOS.
+    Their `group_texts` runs under `datasets.map(batched=True)`, so lines are concatenated and cut per chunk
+    of `group_lines` (1000, map's default batch size) lines, and each chunk's remainder is dropped. Unlike
+    theirs, a chunk shorter than one block is dropped too (they keep it as one short block) so every block
+    has the same shape. (With their `num_proc=8` the chunks restart at each of the 8 shards; here they run
+    over the whole stream.)
+    """
+    eos = [tokenizer.eos_id] if add_eos else []
+    blocks = []
+    lines = iter(texts)
+    while chunk := list(islice(lines, group_lines)):
+        ids = list(chain.from_iterable(tokenizer.encode(text, add_bos=True) + eos for text in chunk))
+        usable = len(ids) // block_size * block_size
+        if usable:
+            blocks.append(np.asarray(ids[:usable], dtype=np.int32).reshape(-1, block_size))
+    if not blocks:
+        return np.zeros((0, block_size), np.int32)
+    return np.concatenate(blocks)
+
+
+def pretrain_dataset(blocks: np.ndarray) -> dict[str, np.ndarray]:
+    """Causal-LM rows: labels are the inputs (the loss shifts them) and every token is attended to."""
+    blocks = np.asarray(blocks, dtype=np.int32)
+    return {"input_ids": blocks, "labels": blocks.copy(), "attention_mask": np.ones_like(blocks)}
+
+
+class BatchIterator:
+    """Endless global batches of `global_batch` rows over in-memory arrays, reshuffled each epoch.
+
+    The order of epoch e is `default_rng([seed, e]).permutation(N)`, so it depends on nothing but the seed,
+    which is what lets `restore` resume exactly. The last incomplete global batch of an epoch is dropped.
+    Each host gets only its rows of each global batch (`mixtral_jax.distributed.host_rows`).
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], global_batch: int, seed: int = 0,
+                 process_index: int | None = None, process_count: int | None = None):
+        lengths = {key: len(value) for key, value in arrays.items()}
+        if not lengths or len(set(lengths.values())) != 1:
+            raise DataError(f"the data arrays must have one common length, got {lengths}")
+        self.arrays = dict(arrays)
+        self.rows = next(iter(lengths.values()))
+        self.global_batch = global_batch
+        self.host_slice = host_rows(global_batch, process_index, process_count)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{self.rows} examples are fewer than one global batch of {global_batch}")
+        self.seed, self.epoch, self.position = int(seed), 0, 0
+        self._order: tuple[int, np.ndarray] | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.rows // self.global_batch
+
+    def _permutation(self) -> np.ndarray:
+        if self._order is None or self._order[0] != self.epoch:
+            self._order = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(self.rows))
+        return self._order[1]
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.position == self.steps_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        start = self.position * self.global_batch
+        rows = self._permutation()[start:start + self.global_batch][self.host_slice]
+        self.position += 1
+        return {key: value[rows] for key, value in self.arrays.items()}
+
+    def state(self) -> dict[str, int]:
+        """Plain ints, for a checkpoint's metadata."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def restore(self, state: Mapping[str, int]) -> None:
+        epoch, position, seed = (int(state[key]) for key in ("epoch", "position", "seed"))
+        if not 0 <= position <= self.steps_per_epoch or epoch < 0:
+            raise DataError(f"data state {dict(state)} does not fit {self.steps_per_epoch} steps per epoch")
+        self.epoch, self.position, self.seed = epoch, position, seed
+        self._order = None
