@@ -138,16 +138,9 @@ def _log(message: str) -> None:
 
 
 def jax_matmul_peak() -> float:
-    """FLOP/s of a jitted 2048^3 fp32 matmul, as bench_model.measure_peak measures JAX's (that module imports
-    torch and transformers at module level, which would add ~430 MB to the RSS measured here)."""
-    import jax
-    import jax.numpy as jnp
+    from mixtral_jax.flops import measure_matmul_peak
 
-    x = jax.random.normal(jax.random.key(0), (PEAK_N, PEAK_N), jnp.float32)
-    y = jax.random.normal(jax.random.key(1), (PEAK_N, PEAK_N), jnp.float32)
-    mm = jax.jit(lambda a, b: a @ b)
-    seconds = median_seconds(lambda: mm(x, y).block_until_ready(), PEAK_REPEATS, warmup=2)
-    return 2 * PEAK_N**3 / seconds
+    return measure_matmul_peak(PEAK_N, PEAK_REPEATS)
 
 
 def torch_matmul_peak() -> float:

@@ -167,15 +167,7 @@ class MixtralConfig:
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             source = path
-            try:
-                with open(path, encoding="utf-8") as f:
-                    raw = json.load(f)
-            except FileNotFoundError:
-                raise ConfigError(f"{path}: file not found") from None
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path}: not valid JSON ({err})") from None
-            if not isinstance(raw, dict):
-                raise ConfigError(f"{path}: expected a JSON object")
+            raw = read_json_object(path)
 
         def fail(field, why):
             raise ConfigError(f"{source}: field '{field}' {why}")
@@ -250,6 +242,20 @@ class MixtralConfig:
     def with_overrides(self, assignments: list[str]) -> "MixtralConfig":
         """Applies `key=value` strings (values parsed as YAML scalars) and validates the result."""
         return self.replace(**parse_overrides(assignments))
+
+
+def read_json_object(path: str, error: type[ValueError] = ConfigError) -> dict:
+    """A JSON file holding one object, or `error` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object")
+    return value
 
 
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:

@@ -45,3 +45,34 @@ def mfu(tokens_per_second: float, config: MixtralConfig, seq: int, peak_flops: f
     counts = flop_counts(config, seq)
     per_token = counts["train_flops_per_token" if training else "forward_flops_per_token"]
     return tokens_per_second * per_token / peak_flops
+
+
+# Dense bf16 peak FLOP/s per chip from the vendors' data sheets, by a substring of `device.device_kind`
+# (more specific names first: a v5e reports "TPU v5 lite", a v5p "TPU v5").
+CHIP_PEAK_FLOPS = (("TPU v6 lite", 918e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v4", 275e12),
+                   ("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
+
+
+def chip_peak_flops(device) -> float | None:
+    """The data-sheet bf16 peak of a known accelerator, else None (CPUs: measure it)."""
+    return next((peak for name, peak in CHIP_PEAK_FLOPS if name in device.device_kind), None)
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 7) -> float:
+    """FLOP/s of a jitted n^3 fp32 matmul on the default device (median of `repeats` after two warm-ups)."""
+    import statistics
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    y = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(lambda a, b: a @ b)
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        matmul(x, y).block_until_ready()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)

@@ -189,7 +189,9 @@ def detect_mappings(files: CheckpointFiles, config: MixtralConfig) -> list[Tenso
 
 def from_pretrained(path: str | os.PathLike, dtype: str | None = None, *, mesh=None, show_progress: bool = False,
                     lora: LoraConfig | None = None, lora_seed: int = 0, **implementation) -> Mixtral:
-    """Loads an HF Mixtral directory. `dtype` sets parameter and compute dtype (default: the checkpoint's).
+    """Loads an HF Mixtral directory, or a training run directory (the base it names with the run's latest
+    trained weights applied; see checkpoint.py). `dtype` sets parameter and compute dtype (default: the
+    checkpoint's).
 
     `implementation` overrides our own config fields (moe_backend, scan_layers, remat_policy, ...).
     With `lora`, the targeted weights get fresh adapters (A random from `lora_seed`, B zero).
@@ -198,6 +200,10 @@ def from_pretrained(path: str | os.PathLike, dtype: str | None = None, *, mesh=N
     directory = os.fspath(path)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a directory")
+    from mixtral_jax import checkpoint  # a training run: its base with the run's latest trained weights
+
+    if checkpoint.is_run_dir(directory):
+        return checkpoint.load_run(directory, mesh=mesh, **implementation)
     MixtralConfig.from_hf(directory)  # a bad config.json is reported before any tensor is looked at
     files = CheckpointFiles(directory)
     if dtype is None:

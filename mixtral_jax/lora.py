@@ -132,3 +132,28 @@ def init_adapters(model: nnx.Module, seed: int = 0) -> None:
         key, sub = jax.random.split(key)
         bound = 1.0 / math.sqrt(fan_in)
         variable.set_value(jax.random.uniform(sub, value.shape, value.dtype, -bound, bound))
+
+
+def merge_adapters(model: nnx.Module) -> nnx.Module:
+    """Folds every adapter into its weight (W + alpha / r * A B in fp32, in W's dtype; an NF4 weight is
+    dequantised first) and removes the adapters, in place: the result is a plain model (a merged export,
+    or the base of a next stage)."""
+    from mixtral_jax.quantized import NF4Weight, dequantize_weight
+
+    for _, module in list(nnx.iter_graph(model)):
+        config = getattr(module, "lora", None)
+        if not isinstance(module, nnx.Module) or config is None:
+            continue
+        for name in TARGETS:
+            adapter = adapter_of(module, name, jnp.float32)
+            if adapter is None:
+                continue
+            variable = getattr(module, name)
+            weight = variable.get_value()
+            if isinstance(weight, NF4Weight):
+                weight = dequantize_weight(weight)
+            variable.set_value(merged(weight, adapter, 2 if name == "o_proj" else 1))
+            delattr(module, f"{name}_lora_a")
+            delattr(module, f"{name}_lora_b")
+        module.lora = None
+    return model

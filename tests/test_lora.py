@@ -10,7 +10,7 @@ from flax import nnx
 
 import mixtral_jax as mj
 from mixtral_jax import sharding
-from mixtral_jax.lora import LoRAParam, LoraConfig, adapter_of, merged
+from mixtral_jax.lora import LoRAParam, LoraConfig, adapter_of, merge_adapters, merged
 from mixtral_jax.moe import SparseMoE
 from tests.test_moe import CONFIG, _numpy_reference
 
@@ -87,3 +87,21 @@ def test_bad_lora_config_is_refused():
         LoraConfig(targets=("q_proj", "mlp"))
     with pytest.raises(ValueError, match="rank"):
         LoraConfig(rank=0)
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["full-precision", "nf4-base"])
+def test_merge_adapters_folds_them_into_the_weights(reference_dirs, nf4):
+    """merge_adapters gives a plain model (no LoRAParam left) computing what the adapted model computes; an
+    NF4 base is dequantised first."""
+    from mixtral_jax.quantized import quantize_base
+
+    _, directory = reference_dirs("gqa2_top2")
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 10)))
+    adapted = mj.from_pretrained(directory, lora=LORA)
+    _randomise_b(adapted)
+    if nf4:
+        quantize_base(adapted)
+    expected = np.asarray(adapted(ids).logits)
+    plain = merge_adapters(adapted)
+    assert not [v for _, v in nnx.iter_graph(plain) if isinstance(v, LoRAParam)] and plain.lora is None
+    np.testing.assert_allclose(np.asarray(plain(ids).logits), expected, atol=1e-5, rtol=0)

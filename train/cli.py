@@ -1,19 +1,60 @@
-"""`mixtral-jax plan ...`: the per-device memory of a train step, from compiling it on a simulated mesh."""
+"""`mixtral-jax train CONFIG [key=value ...]` runs or resumes a training run; `mixtral-jax plan ...` prints the
+per-device memory of a train step, from compiling it on a simulated mesh."""
 
 from __future__ import annotations
 
 import argparse
 import json
-
-from mixtral_jax.lora import LoraConfig
 import os
 import subprocess
 import sys
+
+from mixtral_jax.lora import LoraConfig
 
 _CHILD = "MIXTRAL_JAX_PLAN_CHILD"  # set in the re-run, so that it never re-runs itself again
 
 
 def register(commands) -> None:
+    register_train(commands)
+    register_plan(commands)
+
+
+def register_train(commands) -> None:
+    p = commands.add_parser(
+        "train", help="run or resume a training run (pre-training or SFT, LoRA/QLoRA or full)",
+        description="Trains as CONFIG says (a YAML file or a preset of train/configs: pretrain, sft, "
+                    "pretrain_tiny, sft_tiny). A run_dir that holds a checkpoint resumes from it. "
+                    "`--keys` lists every key with its default and meaning.")
+    p.add_argument("config", nargs="?", help="YAML file or preset name")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run_dir=runs/x steps=100 data.seq_len=512")
+    p.add_argument("--keys", action="store_true", help="list every config key, its default and meaning, and exit")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args) -> int:
+    from train.config import describe_keys, load_config
+
+    if args.keys:
+        rows = describe_keys()
+        width = max(len(key) for key, _, _ in rows)
+        for key, default, help_text in rows:
+            print(f"{key:<{width}}  {help_text} [default: {default}]")
+        return 0
+    if not args.config:
+        raise ValueError("a CONFIG (YAML file or preset name) is required")
+    from train.loop import TrainingDiverged, train
+
+    config = load_config(args.config, args.overrides)
+    try:
+        summary = train(config)
+    except TrainingDiverged as err:
+        print(f"mixtral-jax train: {err}", file=sys.stderr)
+        return 3
+    print(json.dumps(summary, ensure_ascii=False))
+    return 0
+
+
+def register_plan(commands) -> None:
     p = commands.add_parser(
         "plan", help="per-device memory of a train step, compiled (not run) on a simulated CPU mesh",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

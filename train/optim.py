@@ -26,6 +26,7 @@ class OptimizerConfig:
 def schedule(config: OptimizerConfig) -> optax.Schedule:
     """Linear warmup from 0 over warmup_ratio x total_steps, then cosine decay to 0 (transformers' cosine)."""
     warmup = max(1, int(round(config.warmup_ratio * config.total_steps))) if config.warmup_ratio else 0
+    warmup = min(warmup, config.total_steps - 1)  # at least one step of decay (a one-step run has no warmup)
     return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, config.total_steps, 0.0)
 
 

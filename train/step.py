@@ -22,6 +22,13 @@ BATCH_AXES = ("batch", "length")
 BATCH_KEYS = ("input_ids", "labels", "attention_mask")
 
 
+def expert_assignments(router_logits: jax.Array, top_k: int, mask: jax.Array) -> jax.Array:
+    """[L, E]: how many real tokens each layer's router sent to each expert (top-k of [L, B, T, E] logits)."""
+    _, selected = jax.lax.top_k(router_logits, top_k)
+    one_hot = jax.nn.one_hot(selected, router_logits.shape[-1], dtype=jnp.float32)   # [L, B, T, k, E]
+    return jnp.einsum("lbtke,bt->le", one_hot, mask.astype(jnp.float32))
+
+
 class TrainStep(NamedTuple):
     step: Callable             # (params, opt_state, batch, frozen, dropout_key|None) -> (params, opt_state, metrics)
     grads: Callable            # (params, batch, frozen, dropout_key|None) -> (grads, metrics)
@@ -61,7 +68,9 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
         nll_sum, tokens = next_token_nll(out.logits, micro["labels"])
         loss = nll_sum / total_tokens + coef * out.aux_loss / micro_batches
         return loss, {"nll_sum": nll_sum, "tokens": tokens, "aux_loss": out.aux_loss / micro_batches,
-                      "dropped_tokens": out.dropped_tokens}
+                      "dropped_tokens": out.dropped_tokens,
+                      "expert_tokens": expert_assignments(out.router_logits, model.config.num_experts_per_tok,
+                                                          micro["attention_mask"] > 0)}
 
     def loss_and_grads(params, batch, frozen, dropout_key, with_grads=True):
         """dropout_key (a jax.random key) turns LoRA dropout on; each micro-batch folds in its index."""
@@ -85,7 +94,8 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
         lm_loss = jnp.sum(metrics["nll_sum"]) / total_tokens
         aux = jnp.sum(metrics["aux_loss"])
         summary = {"loss": lm_loss + coef * aux, "lm_loss": lm_loss, "aux_loss": aux,
-                   "tokens": jnp.sum(metrics["tokens"]), "dropped_tokens": jnp.sum(metrics["dropped_tokens"])}
+                   "tokens": jnp.sum(metrics["tokens"]), "dropped_tokens": jnp.sum(metrics["dropped_tokens"]),
+                   "expert_tokens": jnp.sum(metrics["expert_tokens"], axis=0)}
         return grads, summary
 
     def train_step(params, opt_state, batch, frozen, dropout_key):

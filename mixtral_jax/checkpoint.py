@@ -1,0 +1,163 @@
+"""Training-run checkpoints: the run directory's layout, shared by the trainer (which writes it) and
+`from_pretrained(run_dir)` (which reads it).
+
+    RUN_DIR/model.json               what the trained model is: the base it references (never copied), dtype,
+                                     NF4 or not, the LoRA settings, which weights are trained in full
+    RUN_DIR/checkpoints/STEP/        Orbax: `params` (trainable weights only), `opt_state`, `meta` (JSON:
+                                     step, data position, RNG, ...)
+
+Orbax's CheckpointManager commits each step atomically (a step directory appears only when complete), keeps
+`max_to_keep` and saves asynchronously; restoring takes abstract arrays with shardings, so a checkpoint
+written on one mesh restores onto another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from mixtral_jax.config import read_json_object
+from mixtral_jax.lora import LoRAParam, LoraConfig, init_adapters, merge_adapters
+from mixtral_jax.model import Mixtral
+from mixtral_jax.safetensors_io import CheckpointError
+
+MANIFEST = "model.json"
+CHECKPOINTS = "checkpoints"
+BUNDLED_TINY = "bundled:tiny"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunModel:
+    """Everything needed to rebuild a run's model before its trained weights are restored into it."""
+
+    base: str                                   # HF directory, or bundled:tiny
+    dtype: str = "bfloat16"
+    quantize: str = "none"                      # none | nf4
+    lora: dict | None = None                    # LoraConfig fields; None: full fine-tuning
+    modules_to_save: tuple[str, ...] = ()       # trained in full beside the adapters
+    implementation: dict = dataclasses.field(default_factory=dict)
+    lora_seed: int = 0
+
+    def lora_config(self) -> LoraConfig | None:
+        return None if self.lora is None else LoraConfig(**self.lora)
+
+    def trainable(self):
+        """The nnx filter of the trained weights: everything, or the adapters plus modules_to_save."""
+        if self.lora is None:
+            return nnx.Param
+        return nnx.Any(LoRAParam, *(nnx.PathContains(name) for name in self.modules_to_save))
+
+
+def base_path(spec: str) -> str:
+    if spec == BUNDLED_TINY:
+        from mixtral_jax.assets import TINY_MODEL_DIR
+
+        return TINY_MODEL_DIR
+    return spec
+
+
+def build_model(run_model: RunModel, mesh=None):
+    """The base with fresh adapters (A from `lora_seed`, B zero), quantised to NF4 when asked. A base that is
+    itself a training run (SFT after pre-training) is that run's model with its adapters merged."""
+    from mixtral_jax.hf_checkpoint import from_pretrained
+    from mixtral_jax.quantized import quantize_base
+
+    base = base_path(run_model.base)
+    if is_run_dir(base):
+        model = load_run(base, mesh=mesh, merge=True, **run_model.implementation)
+        model = _with_fresh_adapters(model, run_model)
+    else:
+        model = from_pretrained(base, run_model.dtype, mesh=mesh, lora=run_model.lora_config(),
+                                lora_seed=run_model.lora_seed, **run_model.implementation)
+    return quantize_base(model) if run_model.quantize == "nf4" else model
+
+
+def _with_fresh_adapters(model: Mixtral, run_model: RunModel) -> Mixtral:
+    """`model`'s weights in the run's dtype, with new adapters when the run trains LoRA."""
+    config = model.config.replace(dtype=run_model.dtype, param_dtype=run_model.dtype)
+    fresh = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0), lora=run_model.lora_config()))
+    nnx.update(fresh, jax.tree.map(lambda x: x.astype(run_model.dtype), nnx.state(model, nnx.Param)))
+    init_adapters(fresh, run_model.lora_seed)
+    return fresh
+
+
+def write_manifest(run_dir: str, run_model: RunModel) -> None:
+    path = os.path.join(run_dir, MANIFEST)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(run_model), f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def read_manifest(run_dir: str) -> RunModel:
+    path = os.path.join(run_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{run_dir}: not a training run (no {MANIFEST})")
+    values = read_json_object(path, CheckpointError)
+    fields = {f.name for f in dataclasses.fields(RunModel)}
+    unknown = sorted(set(values) - fields)
+    if unknown or "base" not in values:
+        raise CheckpointError(f"{path}: field '{unknown[0] if unknown else 'base'}' "
+                              f"{'is unknown' if unknown else 'is missing'}")
+    values["modules_to_save"] = tuple(values.get("modules_to_save", ()))
+    return RunModel(**values)
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def open_manager(run_dir: str, max_to_keep: int | None = None, async_save: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                           create=True)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, CHECKPOINTS)), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, params, opt_state, meta: dict[str, Any]) -> None:
+    """Starts writing a step (in the background when the manager is asynchronous)."""
+    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                               opt_state=ocp.args.StandardSave(opt_state),
+                                               meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, params_like, params_shardings, opt_like=None,
+            opt_shardings=None):
+    """(params, opt_state or None, meta) of `step`, placed with the given shardings (any mesh)."""
+    items = {"params": ocp.args.StandardRestore(_abstract(params_like, params_shardings)),
+             "meta": ocp.args.JsonRestore()}
+    if opt_like is not None:
+        items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_like, opt_shardings))
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["params"], restored.get("opt_state") if opt_like is not None else None, restored["meta"]
+
+
+def load_run(run_dir: str, step: int | None = None, mesh=None, merge: bool = False, **implementation):
+    """The run's model with its trained weights of `step` (default: the latest checkpoint); `implementation`
+    overrides model fields that do not change the weights (moe_backend, scan_layers, ...). With `merge`, the
+    adapters are folded into the full-precision base and removed."""
+    run_model = read_manifest(run_dir)
+    run_model = dataclasses.replace(run_model, implementation={**run_model.implementation, **implementation})
+    if merge:  # adapters fold into the full-precision base, as Chinese-Mixtral's release merged them
+        run_model = dataclasses.replace(run_model, quantize="none")
+    manager = open_manager(run_dir)
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+        raise CheckpointError(f"{os.path.join(run_dir, CHECKPOINTS)}: no checkpoint"
+                              f"{'' if step is None else f' for step {step}'} (steps: {list(manager.all_steps())})")
+    model = build_model(run_model, mesh)
+    graphdef, params, frozen = nnx.split(model, run_model.trainable(), ...)
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    params, _, _ = restore(manager, step, params, shardings)
+    manager.close()
+    model = nnx.merge(graphdef, params, frozen)
+    return merge_adapters(model) if merge else model
