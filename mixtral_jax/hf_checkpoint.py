@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Callable, Iterator
 
 import jax
@@ -24,6 +22,7 @@ from tqdm.auto import tqdm
 from mixtral_jax.config import ConfigError, MixtralConfig
 from mixtral_jax.lora import LoRAParam, LoraConfig, init_adapters
 from mixtral_jax.model import Mixtral
+from mixtral_jax.output_dir import output_directory
 from mixtral_jax.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -265,10 +264,7 @@ def save_pretrained(model: Mixtral, path: str | os.PathLike, *, max_shard_bytes:
     params = {name: var for name, var in _named_params(model)}
     tensors = [(m.hf_key, m) for m in legacy_mappings(config)]
 
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
+    with output_directory(path) as tmp:
         shards, current, current_bytes = [], [], 0
         for key, m in tensors:
             nbytes = out_dtype.itemsize * int(np.prod(m.hf_shape))
@@ -298,29 +294,6 @@ def save_pretrained(model: Mixtral, path: str | os.PathLike, *, max_shard_bytes:
             json.dump(hf_config, f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}, f, indent=2)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private mode is for the build, not the result
-        _replace_directory(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_directory(new: str, path: str) -> None:
-    """Moves `new` to `path`; an old `path` is moved aside first and deleted only once `new` is in place."""
-    if not os.path.exists(path):
-        os.rename(new, path)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(os.path.abspath(path)))
-    os.rmdir(old)
-    os.rename(path, old)
-    try:
-        os.rename(new, path)
-    except BaseException:
-        os.rename(old, path)
-        raise
-    shutil.rmtree(old)
 
 
 __all__ = ["from_pretrained", "save_pretrained", "CheckpointError", "ConfigError", "legacy_mappings",
