@@ -26,6 +26,9 @@ def register(commands) -> None:
     train.add_argument("--moe-backend", default="dropless", choices=["dense", "dropless", "capacity"])
     train.add_argument("--breakdown", action="store_true",
                        help="afterwards also time the forward alone, forward+backward alone and the optimizer alone")
+    train.add_argument("--peak-tflops", type=float, default=None,
+                       help="per-device peak for MFU (default: a known accelerator's bf16 data-sheet peak, else "
+                            "the fp32 matmul peak measured in this process)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. remat_policy=dots)")
     train.set_defaults(run=run_train)
