@@ -5,6 +5,16 @@ from __future__ import annotations
 import argparse
 
 
+def _dtype_argument(parser) -> None:
+    parser.add_argument("--dtype", default="keep", choices=["keep", "bfloat16", "float32"],
+                        help="dtype of the written weights (keep: the source's)")
+
+
+def _output_arguments(parser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def register(commands) -> None:
     p = commands.add_parser("convert", help="create and convert checkpoints")
     sub = p.add_subparsers(dest="convert_command", required=True)
@@ -30,6 +40,52 @@ def register(commands) -> None:
     load.add_argument("--check", action="store_true",
                       help="also run the adapted model on a few tokens and check its logits are finite")
     load.set_defaults(run=run_import_peft)
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    to_orbax = sub.add_parser(
+        "hf-to-orbax", formatter_class=fmt,
+        help="stream an HF safetensors directory (legacy or fused layout) into an Orbax model checkpoint",
+        description="Reads the HF checkpoint tensor by tensor (peak host memory: a few of its largest per-layer "
+                    "tensors) and writes an Orbax model checkpoint that from_pretrained restores onto any mesh.")
+    to_orbax.add_argument("hf_dir", metavar="HF_DIR")
+    to_orbax.add_argument("out", metavar="OUT")
+    _dtype_argument(to_orbax)
+    to_orbax.add_argument("--quantize", default="none", choices=["none", "nf4"],
+                          help="nf4: store the decoder's linear weights as packed NF4 (the QLoRA base)")
+    _output_arguments(to_orbax)
+    to_orbax.set_defaults(run=run_hf_to_orbax)
+
+    to_hf = sub.add_parser(
+        "orbax-to-hf", formatter_class=fmt,
+        help="write an Orbax model checkpoint or a training run as an HF directory (legacy per-expert layout)",
+        description="SRC is an Orbax model checkpoint (streamed layer by layer) or a training run directory. "
+                    "A LoRA run needs --merge: its adapters are folded into the base (W + B A * alpha / r in "
+                    "fp32, then cast); merging loads the whole model in memory for now. Writes config.json, "
+                    "generation_config.json, sharded safetensors with model.safetensors.index.json, and the "
+                    "tokenizer files the source has.")
+    to_hf.add_argument("src", metavar="SRC")
+    to_hf.add_argument("out", metavar="OUT")
+    _dtype_argument(to_hf)
+    to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (5GB = 5*10^9 bytes)")
+    to_hf.add_argument("--merge", action="store_true", help="fold a LoRA run's adapters into the base")
+    to_hf.add_argument("--base", default=None,
+                       help="HF directory of the full-precision base to merge onto (default: the run's base)")
+    to_hf.add_argument("--merge-base", default="full", choices=["full", "nf4"],
+                       help="merge onto the full-precision base, or onto the dequantised NF4 base of a QLoRA run")
+    _output_arguments(to_hf)
+    to_hf.set_defaults(run=run_orbax_to_hf)
+
+    check = sub.add_parser(
+        "verify", formatter_class=fmt,
+        help="compare two checkpoints (HF dirs, Orbax model dirs, training runs) tensor by tensor",
+        description="Prints the largest absolute difference of the 10 most different tensors (HF names) and "
+                    "overall; exit status 0 when within --atol (identical by default), 1 otherwise.")
+    check.add_argument("a", metavar="A")
+    check.add_argument("b", metavar="B")
+    check.add_argument("--atol", type=float, default=0.0, help="largest absolute difference accepted")
+    check.add_argument("--top", type=int, default=10, help="tensors listed")
+    check.add_argument("--json", action="store_true", help="print the result as JSON")
+    check.set_defaults(run=run_verify)
 
 
 def run_init(args) -> int:
@@ -83,3 +139,29 @@ def run_import_peft(args) -> int:
         summary["logits_finite"] = bool(np.isfinite(logits).all())
     print(json.dumps(summary, indent=2))
     return 0 if summary.get("logits_finite", True) else 1
+
+
+def run_hf_to_orbax(args) -> int:
+    import json
+
+    from convert.orbax_hf import hf_to_orbax
+
+    summary = hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype, quantize=args.quantize, overwrite=args.overwrite,
+                          show_progress=not args.quiet)
+    print(json.dumps({"wrote": args.out, **summary}))
+    return 0
+
+
+def run_orbax_to_hf(args) -> int:
+    from convert.orbax_hf import orbax_to_hf
+
+    orbax_to_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, merge=args.merge,
+                base=args.base, merge_base=args.merge_base, overwrite=args.overwrite, show_progress=not args.quiet)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_verify(args) -> int:
+    from convert.orbax_hf import verify
+
+    return verify(args.a, args.b, atol=args.atol, top=args.top, as_json=args.json)

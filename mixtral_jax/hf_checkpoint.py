@@ -203,6 +203,11 @@ def from_pretrained(path: str | os.PathLike, dtype: str | None = None, *, mesh=N
 
     if checkpoint.is_run_dir(directory):
         return checkpoint.load_run(directory, mesh=mesh, **implementation)
+    from mixtral_jax import orbax_model  # an Orbax model checkpoint (convert hf-to-orbax)
+
+    if orbax_model.is_orbax_model(directory):
+        return orbax_model.load(directory, dtype, mesh=mesh, lora=lora, lora_seed=lora_seed,
+                                show_progress=show_progress, **implementation)
     MixtralConfig.from_hf(directory)  # a bad config.json is reported before any tensor is looked at
     files = CheckpointFiles(directory)
     if dtype is None:
@@ -296,5 +301,88 @@ def save_pretrained(model: Mixtral, path: str | os.PathLike, *, max_shard_bytes:
             json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}, f, indent=2)
 
 
-__all__ = ["from_pretrained", "save_pretrained", "CheckpointError", "ConfigError", "legacy_mappings",
+def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np.ndarray], path: str | os.PathLike,
+                     *, max_shard_bytes: int | None = None, dtype: str | None = None, overwrite: bool = False,
+                     extra_files: dict[str, str] | None = None, show_progress: bool = False) -> None:
+    """A streaming `save_pretrained`: `read(param, layer)` returns one layer-tensor in our layout (layer None
+    for embed_tokens, norm.weight, lm_head), and it is called once per layer-tensor, in layer order, so the
+    host holds one layer-tensor (plus the HF tensor being written) at a time, whatever the model size.
+
+    Writes the legacy layout (per expert tensors, each layer's experts grouped by weight), sharded past
+    `max_shard_bytes` with model.safetensors.index.json, config.json, and generation_config.json (copied from
+    `extra_files` when given there, like the tokenizer files it names: output name -> source path).
+    """
+    import shutil
+    import struct
+
+    from mixtral_jax.safetensors_io import DTYPE_NAMES
+
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise CheckpointError(f"{path}: already exists (pass overwrite=True to replace it)")
+    out_dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
+    groups: dict[tuple, list[TensorMapping]] = {}
+    for m in legacy_mappings(config):
+        groups.setdefault((m.param, m.index[0] if m.param.startswith("layers.") else None), []).append(m)
+    ordered = [m for group in groups.values() for m in group]
+    nbytes = {m.hf_key: out_dtype.itemsize * int(np.prod(m.hf_shape, dtype=np.int64)) for m in ordered}
+    shards, current, current_bytes = [], [], 0
+    for m in ordered:
+        if current and max_shard_bytes is not None and current_bytes + nbytes[m.hf_key] > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(m)
+        current_bytes += nbytes[m.hf_key]
+    shards.append(current)
+    names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                                     for i in range(len(shards))]
+    cached: list = [None, None]  # (param, layer) and its layer-tensor: the one held on the host
+
+    def hf_tensor(m: TensorMapping) -> np.ndarray:
+        layer = m.index[0] if m.param.startswith("layers.") else None
+        inner = m.index[1:] if layer is not None else m.index
+        if cached[0] != (m.param, layer):
+            cached[0], cached[1] = None, None
+            cached[1] = read(m.param, layer)
+            cached[0] = (m.param, layer)
+        return np.ascontiguousarray(ours_to_hf(m, np.asarray(cached[1])[inner]).astype(out_dtype))
+
+    with output_directory(path) as tmp, tqdm(total=sum(nbytes.values()), unit="B", unit_scale=True,
+                                             desc=f"writing {os.path.basename(path)}",
+                                             disable=not show_progress) as bar:
+        weight_map = {}
+        for filename, shard in zip(names, shards):
+            header: dict = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for m in shard:
+                header[m.hf_key] = {"dtype": DTYPE_NAMES[out_dtype], "shape": list(m.hf_shape),
+                                    "data_offsets": [offset, offset + nbytes[m.hf_key]]}
+                offset += nbytes[m.hf_key]
+                weight_map[m.hf_key] = filename
+            encoded = json.dumps(header, separators=(",", ":")).encode()
+            encoded += b" " * (-len(encoded) % 8)
+            with open(os.path.join(tmp, filename), "wb") as f:
+                f.write(struct.pack("<Q", len(encoded)))
+                f.write(encoded)
+                for m in shard:
+                    tensor = hf_tensor(m)
+                    if tensor.shape != tuple(m.hf_shape):
+                        raise CheckpointError(f"{m.hf_key}: source gives shape {list(tensor.shape)}, "
+                                              f"config implies {list(m.hf_shape)}")
+                    f.write(memoryview(tensor.reshape(-1).view(np.uint8)))
+                    bar.update(nbytes[m.hf_key])
+        if len(shards) > 1:
+            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+                json.dump({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({**config.to_hf(), "torch_dtype": str(out_dtype)}, f, indent=2)
+        extra = dict(extra_files or {})
+        if "generation_config.json" not in extra:
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}, f, indent=2)
+        for name, source in extra.items():
+            shutil.copyfile(source, os.path.join(tmp, name))
+
+
+__all__ = ["from_pretrained", "save_pretrained", "write_pretrained", "CheckpointError", "ConfigError", "legacy_mappings",
            "fused_mappings"]

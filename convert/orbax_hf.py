@@ -1,0 +1,162 @@
+"""`convert hf-to-orbax`, `convert orbax-to-hf` and `convert verify`: streaming conversions between HF
+safetensors directories and Orbax model checkpoints (mixtral_jax/orbax_model.py), and a tensor-by-tensor
+comparison of any two checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import numpy as np
+
+from mixtral_jax import checkpoint
+from mixtral_jax.hf_checkpoint import legacy_mappings, ours_to_hf, write_pretrained
+from mixtral_jax.layer_tensors import ModelSource, open_source, split_index
+from mixtral_jax.orbax_model import OrbaxSource, convert_hf, is_orbax_model
+from mixtral_jax.safetensors_io import CheckpointError
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' (as transformers counts: 10^9), '500MiB', '20000' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"--max-shard-size '{text}': expected a size such as 5GB, 500MB or 20000")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def _refuse_existing(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and not overwrite:
+        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
+
+
+def hf_to_orbax(hf_dir: str, out: str, dtype: str = "keep", quantize: str = "none", overwrite: bool = False,
+                show_progress: bool = True) -> dict:
+    _refuse_existing(out, overwrite)
+    return convert_hf(hf_dir, out, dtype=None if dtype == "keep" else dtype, quantize=quantize,
+                      overwrite=overwrite, show_progress=show_progress)
+
+
+def merged_run_model(run_dir: str, base: str | None = None, merge_base: str = "full"):
+    """A LoRA run's model with its adapters folded in (W + B A * alpha / r in fp32, then cast), on the run's
+    recorded base or on `base` (an HF directory); `merge_base` "nf4" merges onto the dequantised NF4 base
+    the run trained on, "full" (default) onto the full-precision base. The whole model is in memory."""
+    from flax import nnx
+
+    from mixtral_jax.lora import merge_adapters
+
+    run_model = checkpoint.read_manifest(run_dir)
+    if base is not None:
+        run_model = dataclasses.replace(run_model, base=os.path.abspath(base))
+    if merge_base == "full":
+        run_model = dataclasses.replace(run_model, quantize="none")
+    manager = checkpoint.open_manager(run_dir)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"{os.path.join(run_dir, checkpoint.CHECKPOINTS)}: no checkpoint")
+        model = checkpoint.build_model(run_model)
+        graphdef, params, frozen = nnx.split(model, run_model.trainable(), ...)
+        import jax
+
+        shardings = jax.tree.map(lambda x: x.sharding, params)
+        params, _, _ = checkpoint.restore(manager, step, params, shardings)
+    finally:
+        manager.close()
+    model = nnx.merge(graphdef, params, frozen)
+    return merge_adapters(model) if run_model.lora is not None else model, checkpoint.base_path(run_model.base)
+
+
+def orbax_to_hf(src: str, out: str, dtype: str = "keep", max_shard_size: str | int | None = "5GB",
+                merge: bool = False, base: str | None = None, merge_base: str = "full", overwrite: bool = False,
+                show_progress: bool = True) -> None:
+    _refuse_existing(out, overwrite)
+    max_bytes = None if max_shard_size in (None, "", 0) else (
+        max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size))
+    if checkpoint.is_run_dir(src):
+        run_model = checkpoint.read_manifest(src)
+        if run_model.lora is not None and not merge:
+            raise CheckpointError(f"{src}: a LoRA training run; pass --merge to fold its adapters into the "
+                                  f"base weights, or write the adapters alone with `mixtral-jax convert "
+                                  f"export-peft {src} OUT`")
+        model, base_dir = merged_run_model(src, base, merge_base)
+        source = ModelSource(model, base_dir if os.path.isdir(base_dir) else None)
+    elif is_orbax_model(src):
+        if merge or base is not None:
+            raise CheckpointError(f"{src}: an Orbax model checkpoint has no adapters; --merge and --base apply "
+                                  f"to training run directories")
+        source = OrbaxSource(src)
+    else:
+        raise CheckpointError(f"{src}: neither an Orbax model checkpoint (no orbax_model.json) nor a training "
+                              f"run directory (no {checkpoint.MANIFEST})")
+    write_pretrained(source.config, source.read, out, max_shard_bytes=max_bytes,
+                     dtype=None if dtype == "keep" else dtype, overwrite=overwrite,
+                     extra_files=source.extra_files(), show_progress=show_progress)
+
+
+# ------------------------------------------------------------------------------------------------ verify
+def _architecture(config) -> dict:
+    hf = config.to_hf()
+    hf.pop("torch_dtype", None)
+    hf.pop("dtype", None)
+    return hf
+
+
+def compare(a: str, b: str) -> list[dict]:
+    """Every tensor of two checkpoints (HF dir of either layout, Orbax model dir, training run) in HF legacy
+    naming: [{"tensor", "shape", "max_abs_diff"}], read one layer-tensor at a time from each."""
+    sa, sb = open_source(a), open_source(b)
+    ca, cb = _architecture(sa.config), _architecture(sb.config)
+    for key in sorted(set(ca) | set(cb)):
+        if ca.get(key) != cb.get(key):
+            raise CheckpointError(f"{a} and {b} differ in config field '{key}' ({ca.get(key)!r} vs "
+                                  f"{cb.get(key)!r}); their tensors cannot be compared")
+    groups: dict = {}
+    for m in legacy_mappings(sa.config):
+        groups.setdefault((m.param, split_index(m)[0]), []).append(m)
+    rows = []
+    for (param, layer), mappings in groups.items():
+        xa, xb = sa.read(param, layer), sb.read(param, layer)
+        for m in mappings:
+            inner = split_index(m)[1]
+            ta, tb = ours_to_hf(m, xa[inner]), ours_to_hf(m, xb[inner])
+            rows.append({"tensor": m.hf_key, "shape": list(m.hf_shape), "max_abs_diff": _max_diff(ta, tb)})
+        del xa, xb
+    return rows
+
+
+def _max_diff(x: np.ndarray, y: np.ndarray) -> float:
+    x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if np.array_equal(x64, y64, equal_nan=True):
+        return 0.0
+    if not np.array_equal(np.isnan(x64), np.isnan(y64)):
+        return float("inf")
+    return float(np.nanmax(np.abs(x64 - y64)))
+
+
+def verify(a: str, b: str, atol: float = 0.0, top: int = 10, as_json: bool = False, out=print) -> int:
+    import json
+
+    rows = compare(a, b)
+    worst = sorted(rows, key=lambda r: -r["max_abs_diff"])
+    overall = worst[0]["max_abs_diff"] if worst else 0.0
+    differ = [r for r in rows if r["max_abs_diff"] > 0]
+    ok = overall <= atol
+    if as_json:
+        out(json.dumps({"a": a, "b": b, "tensors": len(rows), "differing": len(differ), "max_abs_diff": overall,
+                        "atol": atol, "ok": ok, "largest": worst[:top]}, indent=2))
+    else:
+        width = max([len(r["tensor"]) for r in worst[:top]] + [6])
+        out(f"{'tensor':<{width}}  {'shape':<18}  max |a - b|")
+        for r in worst[:top]:
+            out(f"{r['tensor']:<{width}}  {str(r['shape']):<18}  {r['max_abs_diff']:.6g}")
+        out(f"overall: max |a - b| = {overall:.6g} over {len(rows)} tensors, {len(differ)} differ; "
+            f"{'identical' if overall == 0 else 'within' if ok else 'beyond'}"
+            f"{'' if overall == 0 else f' --atol {atol:g}'}")
+    return 0 if ok else 1
+
+
+__all__ = ["compare", "hf_to_orbax", "merged_run_model", "orbax_to_hf", "parse_size", "verify"]

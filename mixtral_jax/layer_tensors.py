@@ -1,0 +1,153 @@
+"""Reading a model one layer-tensor at a time, whatever holds it: an HF directory (either expert layout), an
+Orbax model checkpoint (orbax_model.py) or a model in memory.
+
+A layer-tensor is one of our parameters (dotted name, e.g. `layers.block_sparse_moe.w1`) for one layer, in
+our layout without the leading layers axis (w1 of layer 7: [E, D, F]); `layer` is None for the parameters
+outside the decoder layers (embed_tokens, norm.weight, lm_head). Converters and the checkpoint comparison
+walk `items()` and call `read`, so no more than one layer-tensor is on the host at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mixtral_jax.config import MixtralConfig
+from mixtral_jax.hf_checkpoint import (CheckpointFiles, TensorMapping, _named_params, detect_mappings,
+                                       hf_to_ours, legacy_mappings)
+from mixtral_jax.model import Mixtral
+from mixtral_jax.safetensors_io import CheckpointError
+
+Item = tuple[str, "int | None"]
+
+
+def split_index(m: TensorMapping) -> tuple[int | None, tuple]:
+    """(layer, index inside that layer's slice) of a mapping's index into the stacked parameter."""
+    if m.param.startswith("layers."):
+        return m.index[0], tuple(m.index[1:])
+    return None, tuple(m.index)
+
+
+def ordered_items(config: MixtralConfig) -> list[Item]:
+    """Every layer-tensor, in the order of the legacy layout (layer by layer, as HF shards are ordered)."""
+    return list(dict.fromkeys((m.param, split_index(m)[0]) for m in legacy_mappings(config)))
+
+
+def layer_shapes(config: MixtralConfig) -> dict[str, tuple[tuple, str]]:
+    """Our parameter name -> (shape of one layer-tensor, dtype) for a config (computed abstractly)."""
+    model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
+    out = {}
+    for name, variable in _named_params(model):
+        value = variable.get_value()
+        shape = tuple(value.shape[1:]) if name.startswith("layers.") else tuple(value.shape)
+        out[name] = (shape, str(value.dtype))
+    return out
+
+
+class HFSource:
+    """An HF directory, legacy or fused layout, one file or sharded. `dtype` None: the checkpoint's own
+    (that of model.embed_tokens.weight), as from_pretrained decides it."""
+
+    def __init__(self, directory: str, dtype: str | None = None):
+        directory = os.fspath(directory)
+        if not os.path.isdir(directory):
+            raise CheckpointError(f"{directory}: not a directory")
+        MixtralConfig.from_hf(directory)  # a bad config.json is reported before any tensor is looked at
+        self.directory = directory
+        self.files = CheckpointFiles(directory)
+        if dtype is None:
+            key = "model.embed_tokens.weight"
+            dtype = str(self.files.dtype(key)) if key in self.files.location else "float32"
+        self.config = MixtralConfig.from_hf(directory, dtype=dtype, param_dtype=dtype)
+        self.mappings = detect_mappings(self.files, self.config)
+        self.groups: dict[Item, list[TensorMapping]] = {}
+        for m in self.mappings:
+            self.groups.setdefault((m.param, split_index(m)[0]), []).append(m)
+        self.shapes = layer_shapes(self.config)
+        self._counted: set[str] = set()
+
+    def items(self) -> list[Item]:
+        return ordered_items(self.config)
+
+    def total_bytes(self) -> int:
+        keys = {m.hf_key for m in self.mappings}
+        return sum(self.files.dtype(k).itemsize * int(np.prod(self.files.shape(k), dtype=np.int64)) for k in keys)
+
+    def new_bytes(self, item: Item) -> int:
+        """Bytes of the HF tensors `item` reads that no earlier item read (for a progress bar)."""
+        total = 0
+        for m in self.groups[item]:
+            if m.hf_key not in self._counted:
+                self._counted.add(m.hf_key)
+                total += self.files.dtype(m.hf_key).itemsize * int(np.prod(self.files.shape(m.hf_key), dtype=np.int64))
+        return total
+
+    def read(self, param: str, layer: int | None) -> np.ndarray:
+        shape, dtype = self.shapes[param]
+        buffer = np.empty(shape, np.dtype(dtype))
+        for m in self.groups[(param, layer)]:
+            target = buffer[split_index(m)[1]]
+            target[...] = hf_to_ours(m, self.files.read(m.hf_key), target.shape).astype(buffer.dtype)
+        return buffer
+
+    def extra_files(self) -> dict[str, str]:
+        return extra_files(self.directory)
+
+
+class ModelSource:
+    """A model in memory (on any mesh): each read fetches one layer's slice of one parameter to the host; an
+    NF4 weight is dequantised to its dtype."""
+
+    def __init__(self, model: Mixtral, directory: str | None = None):
+        self.model = model
+        self.config = model.config
+        self.params = dict(_named_params(model))
+        self.directory = directory
+
+    def items(self) -> list[Item]:
+        return ordered_items(self.config)
+
+    def read(self, param: str, layer: int | None) -> np.ndarray:
+        from mixtral_jax.quantized import NF4Weight, dequantize_weight
+
+        value = self.params[param].get_value()
+        if layer is not None:
+            value = jax.tree.map(lambda a: a[layer], value)
+        if isinstance(value, NF4Weight):
+            value = dequantize_weight(value)
+        return np.asarray(jax.device_get(value))
+
+    def extra_files(self) -> dict[str, str]:
+        return {} if self.directory is None else extra_files(self.directory)
+
+
+# Files beside the weights that a published HF directory carries along.
+EXTRA_FILES = ("generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
+def extra_files(directory: str) -> dict[str, str]:
+    return {name: os.path.join(directory, name) for name in EXTRA_FILES
+            if os.path.isfile(os.path.join(directory, name))}
+
+
+def open_source(path: str, dtype: str | None = None):
+    """An Orbax model checkpoint or an HF directory (a training run: its model, adapters merged)."""
+    from mixtral_jax import checkpoint, orbax_model
+
+    path = os.fspath(path)
+    if orbax_model.is_orbax_model(path):
+        return orbax_model.OrbaxSource(path)
+    if checkpoint.is_run_dir(path):
+        base = checkpoint.base_path(checkpoint.read_manifest(path).base)
+        return ModelSource(checkpoint.load_run(path, merge=True), base if os.path.isdir(base) else None)
+    return HFSource(path, dtype)
+
+
+def iter_read(source, items: list[Item] | None = None) -> Iterator[tuple[Item, np.ndarray]]:
+    for item in items or source.items():
+        yield item, source.read(*item)

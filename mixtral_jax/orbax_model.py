@@ -1,0 +1,313 @@
+"""Orbax model checkpoints: a whole model (not a training run) as Orbax arrays in our layout, written one
+layer-tensor at a time and restored onto any mesh. `mixtral-jax convert hf-to-orbax` writes them;
+`from_pretrained(dir, mesh=...)` reads them.
+
+    OUT/config.json              the HF config (`MixtralConfig.to_hf()`), torch_dtype = the stored dtype
+    OUT/orbax_model.json         the marker: {"format": "mixtral-jax-orbax-model", "version": 1,
+                                 "dtype": stored dtype of the unquantised weights, "quantize": "none" | "nf4",
+                                 "num_hidden_layers": L, "weights": "weights"}
+    OUT/generation_config.json   and the tokenizer files, copied from the source when it has them
+    OUT/weights/                 one Orbax PyTree checkpoint (OCDBT + zarr), keys in our parameter names:
+        embed_tokens                              [V, D]
+        norm/weight                               [D]
+        lm_head                                   [D, V]   (absent with tied embeddings)
+        layers/007/input_layernorm/weight         [D]      layer 7 of the stacked parameter, i.e. param[7]
+        layers/007/self_attn/q_proj               [D, H, hd]   (k_proj, v_proj [D, KV, hd]; o_proj [H, hd, D])
+        layers/007/block_sparse_moe/gate          [D, E]
+        layers/007/block_sparse_moe/w1            [E, D, F]    (w3 the same; w2 [E, F, D])
+      With quantize nf4 every weight that `quantized.quantize_base` quantises (q/k/v/o_proj, gate, w1-w3) is
+      stored as its two arrays, `.../q_proj/packed` (uint8) and `.../q_proj/absmax` (fp32), exactly
+      `quantize_base(model)`'s arrays for that layer (so ~0.56 bytes per quantised parameter on disk).
+
+Writing uses Orbax's partial saves (`orbax.checkpoint.experimental.v1.partial`): each save adds new keys in a
+new OCDBT sub-database without reading or rewriting the earlier ones, so the writer holds one layer-tensor at a
+time; `finalize` commits the checkpoint. The whole directory is built under a temporary name and renamed when
+complete (output_dir.py).
+
+Reading restores each of our stacked parameters from its L layer slices, each restored straight onto the
+target sharding (the parameter's sharding without its layers axis, any mesh), then stacked on the devices:
+peak memory is the model plus one parameter. Single layer-tensors can be read alone (`OrbaxSource`), which the
+converters back to HF use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+from tqdm.auto import tqdm
+
+from mixtral_jax.config import MixtralConfig, read_json_object
+from mixtral_jax.hf_checkpoint import _named_params
+from mixtral_jax.layer_tensors import HFSource, Item, extra_files, ordered_items
+from mixtral_jax.lora import LoRAParam, LoraConfig, init_adapters
+from mixtral_jax.model import Mixtral
+from mixtral_jax.output_dir import output_directory
+from mixtral_jax.quantized import QUANTIZED, NF4Weight, dequantize_weight, quantize_base, quantize_weight
+from mixtral_jax.safetensors_io import CheckpointError
+
+FORMAT = "mixtral-jax-orbax-model"
+VERSION = 1
+MARKER = "orbax_model.json"
+WEIGHTS = "weights"
+QUANTIZE = ("none", "nf4")
+
+
+# ------------------------------------------------------------------------------------------------ layout
+def is_orbax_model(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(os.fspath(path), MARKER))
+
+
+def read_marker(directory: str) -> dict:
+    path = os.path.join(directory, MARKER)
+    marker = read_json_object(path, CheckpointError)
+    if marker.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: field 'format' is {marker.get('format')!r}, expected {FORMAT!r}")
+    if marker.get("version") != VERSION:
+        raise CheckpointError(f"{path}: field 'version' is {marker.get('version')!r}; this version reads {VERSION}")
+    if marker.get("quantize") not in QUANTIZE:
+        raise CheckpointError(f"{path}: field 'quantize' is {marker.get('quantize')!r} (known: {', '.join(QUANTIZE)})")
+    if not os.path.isdir(os.path.join(directory, marker.get("weights", WEIGHTS))):
+        raise CheckpointError(f"{directory}: the Orbax weights directory '{marker.get('weights', WEIGHTS)}' "
+                              f"is missing")
+    return marker
+
+
+def leaf_key(param: str, layer: int | None) -> tuple[str, ...]:
+    """Our dotted parameter name and layer -> the Orbax key path, e.g. ('layers', '007', 'self_attn', 'q_proj')."""
+    parts = tuple(param.split("."))
+    if parts[0] == "layers":
+        return ("layers", f"{layer:03d}", *parts[1:])
+    return parts
+
+
+def is_quantized(param: str) -> bool:
+    return param.startswith("layers.") and param.split(".")[-1] in QUANTIZED
+
+
+def _nest(keys: tuple[str, ...], value, tree: dict | None = None) -> dict:
+    tree = {} if tree is None else tree
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+    return tree
+
+
+def _get(tree: dict, keys: tuple[str, ...]):
+    for key in keys:
+        tree = tree[key]
+    return tree
+
+
+def _as_leaves(value):
+    """An array, or an NF4 weight as {packed, absmax} (how it is stored)."""
+    if isinstance(value, NF4Weight):
+        return {"packed": value.packed, "absmax": value.absmax}
+    return value
+
+
+def abstract_model(config: MixtralConfig, lora: LoraConfig | None = None, quantize: str = "none") -> Mixtral:
+    def build():
+        model = Mixtral(config, rngs=nnx.Rngs(0), lora=lora)
+        return quantize_base(model) if quantize == "nf4" else model
+
+    return nnx.eval_shape(build)
+
+
+def _orbax():
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    return ocp
+
+
+def _load(weights: str, tree: dict) -> dict:
+    """Restores just the leaves of `tree` (abstract: ShapeDtypeStruct with sharding, or numpy arrays)."""
+    ocp = _orbax()
+    ctx = ocp.Context()
+    ctx.pytree.loading.partial_load = True
+    try:
+        with ctx:
+            return ocp.load(weights, tree)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        raise CheckpointError(f"{weights}: cannot restore {_first_key(tree)} and the others asked "
+                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+
+
+def _first_key(tree) -> str:
+    path = jax.tree_util.tree_flatten_with_path(tree)[0][0][0]
+    return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def convert_hf(hf_dir: str, out: str, *, dtype: str | None = None, quantize: str = "none", overwrite: bool = False,
+               show_progress: bool = False) -> dict:
+    """Streams an HF directory (legacy or fused layout, sharded or not) into an Orbax model checkpoint at `out`.
+
+    `dtype` None keeps the checkpoint's dtype. Returns a summary (bytes read and written)."""
+    from orbax.checkpoint.experimental.v1 import partial
+
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, not {quantize!r}")
+    out = os.fspath(out)
+    if os.path.exists(out) and not overwrite:
+        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
+    source = HFSource(hf_dir, dtype)
+    config = source.config
+    axes = {name: v.get_metadata()["logical_axes"] for name, v in _named_params(abstract_model(config))}
+    stored = {"read_bytes": 0, "quantized_params": 0, "quantized_bytes": 0, "other_bytes": 0}
+    with output_directory(out) as tmp, tqdm(total=source.total_bytes(), unit="B", unit_scale=True,
+                                            desc=f"hf-to-orbax {os.path.basename(out)}",
+                                            disable=not show_progress) as bar:
+        weights = os.path.join(os.path.abspath(tmp), WEIGHTS)
+        for param, layer in source.items():
+            array = source.read(param, layer)
+            if quantize == "nf4" and is_quantized(param):
+                q = quantize_weight(jnp.asarray(array)[None], axes[param], leading=1)
+                leaf = {"packed": np.asarray(q.packed[0]), "absmax": np.asarray(q.absmax[0])}
+                stored["quantized_params"] += array.size
+                stored["quantized_bytes"] += leaf["packed"].nbytes + leaf["absmax"].nbytes
+                del q
+            else:
+                leaf = array
+                stored["other_bytes"] += array.nbytes
+            partial.save(weights, _nest(leaf_key(param, layer), leaf))
+            del array, leaf
+            read = source.new_bytes((param, layer))
+            stored["read_bytes"] += read
+            bar.update(read)
+        partial.finalize(weights)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config.to_hf(), f, indent=2)
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump({"format": FORMAT, "version": VERSION, "dtype": config.param_dtype, "quantize": quantize,
+                       "num_hidden_layers": config.num_hidden_layers, "weights": WEIGHTS,
+                       "source": os.path.abspath(hf_dir)}, f, indent=2)
+        import shutil
+
+        for name, path in source.extra_files().items():
+            shutil.copyfile(path, os.path.join(tmp, name))
+    return stored
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def read_config(directory: str, dtype: str | None = None, **implementation) -> tuple[MixtralConfig, dict]:
+    marker = read_marker(directory)
+    dtype = dtype or marker["dtype"]
+    config = MixtralConfig.from_hf(directory, **{"dtype": dtype, "param_dtype": dtype, **implementation})
+    if config.num_hidden_layers != marker.get("num_hidden_layers"):
+        raise CheckpointError(f"{os.path.join(directory, MARKER)}: field 'num_hidden_layers' is "
+                              f"{marker.get('num_hidden_layers')!r} but config.json says {config.num_hidden_layers}")
+    return config, marker
+
+
+def _without_layer_axis(sharding):
+    if isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec)
+        return NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))
+    return sharding
+
+
+def load(directory: str | os.PathLike, dtype: str | None = None, *, mesh=None, lora: LoraConfig | None = None,
+         lora_seed: int = 0, show_progress: bool = False, **implementation) -> Mixtral:
+    """The model of an Orbax model checkpoint (`from_pretrained` dispatches here), each parameter restored
+    with its sharding on `mesh` (default: the first device). `dtype` casts the unquantised weights."""
+    directory = os.fspath(directory)
+    config, marker = read_config(directory, dtype, **implementation)
+    stored_dtype = jnp.dtype(marker["dtype"])
+    weights = os.path.abspath(os.path.join(directory, marker.get("weights", WEIGHTS)))
+    model = abstract_model(config, lora, marker["quantize"])
+    if mesh is not None:
+        from mixtral_jax import sharding as sharding_lib
+
+        shardings = {".".join(str(p) for p in path): s.get_value()
+                     for path, s in nnx.to_flat_state(sharding_lib.param_shardings(model, mesh))}
+    else:
+        device = SingleDeviceSharding(jax.devices()[0])
+        shardings = {name: jax.tree.map(lambda _: device, _as_leaves(v.get_value()))
+                     for name, v in _named_params(model)}
+    layers = config.num_hidden_layers
+    for name, variable in tqdm(list(_named_params(model)), desc=f"loading {os.path.basename(directory)}",
+                               disable=not show_progress):
+        value = variable.get_value()
+        leaves, target = _as_leaves(value), _as_leaves(shardings[name])
+        quantized = isinstance(value, NF4Weight)
+
+        def abstract(leaf, sharding, per_layer: bool):
+            shape = leaf.shape[1:] if per_layer else leaf.shape
+            leaf_dtype = leaf.dtype if quantized else stored_dtype
+            return jax.ShapeDtypeStruct(shape, leaf_dtype, sharding=_without_layer_axis(sharding) if per_layer
+                                        else sharding)
+
+        if name.startswith("layers."):
+            tree: dict = {}
+            for i in range(layers):
+                _nest(leaf_key(name, i), jax.tree.map(lambda l, s: abstract(l, s, True), leaves, target), tree)
+            restored = _load(weights, tree)
+            slices = [_get(restored, leaf_key(name, i)) for i in range(layers)]
+            result = jax.tree.map(lambda leaf, s, *xs: _stack(xs, leaf.dtype, s), leaves, target, *slices)
+            del restored, slices
+        else:
+            restored = _load(weights, _nest(leaf_key(name, None),
+                                            jax.tree.map(lambda l, s: abstract(l, s, False), leaves, target)))
+            result = jax.tree.map(lambda leaf, s, x: x if x.dtype == leaf.dtype else _cast(x, leaf.dtype, s),
+                                  leaves, target, _get(restored, leaf_key(name, None)))
+        if quantized:
+            result = value.replace(packed=result["packed"], absmax=result["absmax"])
+        variable.set_value(result)
+    if lora is not None:
+        from mixtral_jax.hf_checkpoint import _placement
+
+        place = _placement(model, mesh)
+        init_adapters(model, lora_seed)
+        for path, variable in nnx.iter_graph(model):
+            if isinstance(variable, LoRAParam):
+                name = ".".join(str(p) for p in path)
+                variable.set_value(place(name, np.asarray(variable.get_value())))
+    return model
+
+
+def _stack(slices, dtype, sharding):
+    return jax.jit(lambda *xs: jnp.stack(xs).astype(dtype), out_shardings=sharding)(*slices)
+
+
+def _cast(x, dtype, sharding):
+    return jax.jit(lambda a: a.astype(dtype), out_shardings=sharding)(x)
+
+
+class OrbaxSource:
+    """One layer-tensor at a time from an Orbax model checkpoint, onto the host (an NF4 weight dequantised
+    to the stored dtype), for the converters back to HF and `verify`."""
+
+    def __init__(self, directory: str):
+        self.directory = os.fspath(directory)
+        self.config, self.marker = read_config(self.directory)
+        self.weights = os.path.abspath(os.path.join(self.directory, self.marker.get("weights", WEIGHTS)))
+        self.params = dict(_named_params(abstract_model(self.config, quantize=self.marker["quantize"])))
+
+    def items(self) -> list[Item]:
+        return ordered_items(self.config)
+
+    def read(self, param: str, layer: int | None) -> np.ndarray:
+        value = self.params[param].get_value()
+        leaves = _as_leaves(value)
+        per_layer = layer is not None
+        tree = _nest(leaf_key(param, layer), jax.tree.map(
+            lambda s: np.empty(s.shape[1:] if per_layer else s.shape, s.dtype), leaves))
+        leaf = _get(_load(self.weights, tree), leaf_key(param, layer))
+        if isinstance(value, NF4Weight):
+            q = value.replace(packed=jnp.asarray(leaf["packed"]), absmax=jnp.asarray(leaf["absmax"]))
+            return np.asarray(dequantize_weight(q))
+        return np.asarray(leaf)
+
+    def extra_files(self) -> dict[str, str]:
+        return extra_files(self.directory)
+
+
+__all__ = ["FORMAT", "MARKER", "OrbaxSource", "convert_hf", "is_orbax_model", "leaf_key", "load", "read_config",
+           "read_marker"]
