@@ -9,8 +9,6 @@ the jitted step, one layer at a time under the layer scan.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-import optax
 import pytest
 import torch
 from flax import nnx
