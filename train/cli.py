@@ -46,7 +46,7 @@ def run_train(args) -> int:
 
     config = load_config(args.config, args.overrides)
     try:
-        summary = train(config)
+        summary = train(config, log=lambda message: print(message, file=sys.stderr, flush=True))
     except TrainingDiverged as err:
         print(f"mixtral-jax train: {err}", file=sys.stderr)
         return 3

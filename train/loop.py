@@ -144,6 +144,9 @@ def train(config: TrainConfig, log=print) -> dict:
         eval_arrays = {k: v[:config.data.eval_rows] for k, v in eval_arrays.items()}
     batches = data_lib.BatchIterator(train_arrays, config.batch_size, config.seed)
     total_steps = config.steps or max(1, math.floor(config.epochs * batches.steps_per_epoch))
+    log(f"data: {len(train_arrays['input_ids']):,} training sequences of {config.data.seq_len} tokens"
+        + (f" ({dropped:,} SFT samples dropped: the prompt alone fills data.seq_len)" if dropped else "")
+        + f"; {batches.steps_per_epoch:,} steps per epoch, {total_steps:,} steps")
 
     opt = config.optimizer
     optimizer_config = OptimizerConfig(learning_rate=opt.learning_rate, weight_decay=opt.weight_decay,
