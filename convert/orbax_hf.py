@@ -11,8 +11,8 @@ import re
 import numpy as np
 
 from mixtral_jax import checkpoint
-from mixtral_jax.hf_checkpoint import legacy_mappings, ours_to_hf, write_pretrained
-from mixtral_jax.layer_tensors import ModelSource, open_source, split_index
+from mixtral_jax.hf_checkpoint import legacy_mappings, ours_to_hf_into, write_pretrained
+from mixtral_jax.layer_tensors import HFSource, ModelSource, open_source, split_index
 from mixtral_jax.orbax_model import OrbaxSource, convert_hf, is_orbax_model
 from mixtral_jax.safetensors_io import CheckpointError
 
@@ -94,7 +94,7 @@ def orbax_to_hf(src: str, out: str, dtype: str = "keep", max_shard_size: str | i
                               f"run directory (no {checkpoint.MANIFEST})")
     write_pretrained(source.config, source.read, out, max_shard_bytes=max_bytes,
                      dtype=None if dtype == "keep" else dtype, overwrite=overwrite,
-                     extra_files=source.extra_files(), show_progress=show_progress)
+                     extra_files=source.extra_files(), show_progress=show_progress, read_part=source.read_part)
 
 
 # ------------------------------------------------------------------------------------------------ verify
@@ -107,34 +107,56 @@ def _architecture(config) -> dict:
 
 def compare(a: str, b: str) -> list[dict]:
     """Every tensor of two checkpoints (HF dir of either layout, Orbax model dir, training run) in HF legacy
-    naming: [{"tensor", "shape", "max_abs_diff"}], read one layer-tensor at a time from each."""
+    naming: [{"tensor", "shape", "max_abs_diff"}], read one HF tensor at a time from each (an expert's matrix,
+    not the whole layer-tensor) and compared in chunks."""
     sa, sb = open_source(a), open_source(b)
     ca, cb = _architecture(sa.config), _architecture(sb.config)
     for key in sorted(set(ca) | set(cb)):
         if ca.get(key) != cb.get(key):
             raise CheckpointError(f"{a} and {b} differ in config field '{key}' ({ca.get(key)!r} vs "
                                   f"{cb.get(key)!r}); their tensors cannot be compared")
-    groups: dict = {}
-    for m in legacy_mappings(sa.config):
-        groups.setdefault((m.param, split_index(m)[0]), []).append(m)
     rows = []
-    for (param, layer), mappings in groups.items():
-        xa, xb = sa.read(param, layer), sb.read(param, layer)
-        for m in mappings:
-            inner = split_index(m)[1]
-            ta, tb = ours_to_hf(m, xa[inner]), ours_to_hf(m, xb[inner])
-            rows.append({"tensor": m.hf_key, "shape": list(m.hf_shape), "max_abs_diff": _max_diff(ta, tb)})
-        del xa, xb
+    for m in legacy_mappings(sa.config):
+        rows.append({"tensor": m.hf_key, "shape": list(m.hf_shape),
+                     "max_abs_diff": _max_diff(_hf_tensor(sa, m), _hf_tensor(sb, m))})
     return rows
 
 
+def _hf_tensor(source, m) -> np.ndarray:
+    """One HF tensor of a source (in HF legacy layout), read alone: an HF directory in the legacy layout
+    gives its bytes as stored; other sources one layer-tensor or one expert's matrix, transposed."""
+    if isinstance(source, HFSource) and m.hf_key in source.files.location and source.files.shape(m.hf_key) == \
+            tuple(m.hf_shape):
+        raw = source.files.read_copy(m.hf_key)
+        if raw.dtype == np.dtype(source.config.param_dtype):
+            return raw
+    layer, inner = split_index(m)
+    ours = source.read_part(m.param, layer, inner) if inner else source.read(m.param, layer)
+    return ours_to_hf_into(m, np.asarray(ours), np.empty(m.hf_shape, ours.dtype))
+
+
+_CHUNK = 16 << 20  # bytes of each tensor compared at a time
+
+
 def _max_diff(x: np.ndarray, y: np.ndarray) -> float:
-    x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if np.array_equal(x64, y64, equal_nan=True):
-        return 0.0
-    if not np.array_equal(np.isnan(x64), np.isnan(y64)):
+    """max |x - y| (0 where bit-identical, inf where NaNs differ in place), chunk by chunk, so the float64
+    copies are of one chunk, never of the whole tensor."""
+    x, y = x.reshape(-1), y.reshape(-1)
+    if x.shape != y.shape:
         return float("inf")
-    return float(np.nanmax(np.abs(x64 - y64)))
+    step = max(_CHUNK // max(x.itemsize, y.itemsize, 1), 1)
+    worst = 0.0
+    for i in range(0, x.size, step):
+        a, b = x[i:i + step], y[i:i + step]
+        if a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8)):
+            continue
+        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if np.array_equal(a64, b64, equal_nan=True):
+            continue
+        if not np.array_equal(np.isnan(a64), np.isnan(b64)):
+            return float("inf")
+        worst = max(worst, float(np.nanmax(np.abs(a64 - b64))))
+    return worst
 
 
 def verify(a: str, b: str, atol: float = 0.0, top: int = 10, as_json: bool = False, out=print) -> int:

@@ -110,6 +110,49 @@ def ours_to_hf(mapping: TensorMapping, array: np.ndarray) -> np.ndarray:
     raise ValueError(f"we write only the legacy layout, not {mapping.kind}")
 
 
+_POOL: list = []
+
+
+def transpose_into(src: np.ndarray, out: np.ndarray, threads: int = 2) -> np.ndarray:
+    """`out[...] = src.T` for a 2-D `src` (cast to out's dtype), in row blocks that stay in cache, split over
+    `threads` threads (numpy releases the GIL while copying): several times faster than numpy's own
+    transposed copy of a large matrix, which misses the cache on every element."""
+    rows = src.shape[0]
+    if out.shape != (src.shape[1], rows):
+        raise ValueError(f"transpose_into: out has shape {out.shape}, expected {(src.shape[1], rows)}")
+    block = 256
+
+    def part(lo: int, hi: int) -> None:
+        for i in range(lo, hi, block):
+            j = min(i + block, hi)
+            out[:, i:j] = src[i:j].T
+
+    if threads <= 1 or src.size * src.itemsize < (8 << 20):
+        part(0, rows)
+        return out
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.append(ThreadPoolExecutor(max(threads - 1, 1), thread_name_prefix="transpose"))
+    edges = [rows * k // threads // block * block for k in range(threads)] + [rows]
+    futures = [_POOL[0].submit(part, edges[k], edges[k + 1]) for k in range(1, threads)]
+    part(edges[0], edges[1])
+    for future in futures:
+        future.result()
+    return out
+
+
+def ours_to_hf_into(mapping: TensorMapping, array: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """`ours_to_hf(mapping, array)` written into `out` (C-contiguous, HF shape, any dtype) without numpy's slow
+    transposed copies."""
+    if mapping.kind == "copy":
+        out[...] = array.reshape(mapping.hf_shape)
+        return out
+    if mapping.kind == "linear":
+        return transpose_into(array.reshape(mapping.hf_shape[1], mapping.hf_shape[0]), out)
+    raise ValueError(f"we write only the legacy layout, not {mapping.kind}")
+
+
 # ------------------------------------------------------------------------------------------------ reading
 class CheckpointFiles:
     """The safetensors files of an HF directory and which file holds each tensor."""
@@ -153,6 +196,10 @@ class CheckpointFiles:
 
     def read(self, key: str) -> np.ndarray:
         return self.files[self.location[key]].get(key)
+
+    def read_copy(self, key: str, prefix: tuple[int, ...] = (), rows: slice | None = None) -> np.ndarray:
+        """`tensor[prefix][rows]` copied with plain file reads (see SafetensorsFile.read): nothing stays mapped."""
+        return self.files[self.location[key]].read(key, prefix, rows)
 
     def shape(self, key: str) -> tuple:
         return self.files[self.location[key]].shape(key)
@@ -303,10 +350,13 @@ def save_pretrained(model: Mixtral, path: str | os.PathLike, *, max_shard_bytes:
 
 def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np.ndarray], path: str | os.PathLike,
                      *, max_shard_bytes: int | None = None, dtype: str | None = None, overwrite: bool = False,
-                     extra_files: dict[str, str] | None = None, show_progress: bool = False) -> None:
+                     extra_files: dict[str, str] | None = None, show_progress: bool = False,
+                     read_part: Callable[[str, int, tuple], np.ndarray] | None = None) -> None:
     """A streaming `save_pretrained`: `read(param, layer)` returns one layer-tensor in our layout (layer None
     for embed_tokens, norm.weight, lm_head), and it is called once per layer-tensor, in layer order, so the
     host holds one layer-tensor (plus the HF tensor being written) at a time, whatever the model size.
+    With `read_part(param, layer, inner)` (inner: the expert index, e.g. (3,)), the per-expert HF tensors are
+    read one expert at a time instead, so the host holds one expert's matrix (plus its HF transpose).
 
     Writes the legacy layout (per expert tensors, each layer's experts grouped by weight), sharded past
     `max_shard_bytes` with model.safetensors.index.json, config.json, and generation_config.json (copied from
@@ -341,16 +391,39 @@ def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np
     def hf_tensor(m: TensorMapping) -> np.ndarray:
         layer = m.index[0] if m.param.startswith("layers.") else None
         inner = m.index[1:] if layer is not None else m.index
-        if cached[0] != (m.param, layer):
+        if read_part is not None and inner:
             cached[0], cached[1] = None, None
-            cached[1] = read(m.param, layer)
-            cached[0] = (m.param, layer)
-        return np.ascontiguousarray(ours_to_hf(m, np.asarray(cached[1])[inner]).astype(out_dtype))
+            ours = np.asarray(read_part(m.param, layer, tuple(inner)))
+        else:
+            if cached[0] != (m.param, layer):
+                cached[0], cached[1] = None, None
+                cached[1] = read(m.param, layer)
+                cached[0] = (m.param, layer)
+            ours = np.asarray(cached[1])[inner]
+        expected = (m.hf_shape[1], m.hf_shape[0]) if m.kind == "linear" else tuple(m.hf_shape)
+        if int(np.prod(ours.shape, dtype=np.int64)) != int(np.prod(expected, dtype=np.int64)):
+            raise CheckpointError(f"{m.hf_key}: source gives shape {list(ours.shape)}, config implies "
+                                  f"{list(m.hf_shape)}")
+        return ours_to_hf_into(m, ours, np.empty(m.hf_shape, out_dtype))
 
     with output_directory(path) as tmp, tqdm(total=sum(nbytes.values()), unit="B", unit_scale=True,
                                              desc=f"writing {os.path.basename(path)}",
                                              disable=not show_progress) as bar:
         weight_map = {}
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Each HF tensor is read and transposed on a background thread while the previous one is written.
+        pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+        flat = [m for shard in shards for m in shard]
+        ahead = [pool.submit(hf_tensor, flat[0])] if flat else []
+
+        def next_tensor(i: int) -> np.ndarray:
+            tensor = ahead.pop().result()
+            if i + 1 < len(flat):
+                ahead.append(pool.submit(hf_tensor, flat[i + 1]))
+            return tensor
+
+        count = 0
         for filename, shard in zip(names, shards):
             header: dict = {"__metadata__": {"format": "pt"}}
             offset = 0
@@ -365,12 +438,14 @@ def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np
                 f.write(struct.pack("<Q", len(encoded)))
                 f.write(encoded)
                 for m in shard:
-                    tensor = hf_tensor(m)
+                    tensor = next_tensor(count)
+                    count += 1
                     if tensor.shape != tuple(m.hf_shape):
                         raise CheckpointError(f"{m.hf_key}: source gives shape {list(tensor.shape)}, "
                                               f"config implies {list(m.hf_shape)}")
                     f.write(memoryview(tensor.reshape(-1).view(np.uint8)))
                     bar.update(nbytes[m.hf_key])
+        pool.shutdown(cancel_futures=True)
         if len(shards) > 1:
             with open(os.path.join(tmp, INDEX_FILE), "w") as f:
                 json.dump({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, f, indent=2)
@@ -385,4 +460,4 @@ def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np
 
 
 __all__ = ["from_pretrained", "save_pretrained", "write_pretrained", "CheckpointError", "ConfigError", "legacy_mappings",
-           "fused_mappings"]
+           "fused_mappings", "ours_to_hf_into", "transpose_into"]

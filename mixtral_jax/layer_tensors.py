@@ -4,7 +4,10 @@ Orbax model checkpoint (orbax_model.py) or a model in memory.
 A layer-tensor is one of our parameters (dotted name, e.g. `layers.block_sparse_moe.w1`) for one layer, in
 our layout without the leading layers axis (w1 of layer 7: [E, D, F]); `layer` is None for the parameters
 outside the decoder layers (embed_tokens, norm.weight, lm_head). Converters and the checkpoint comparison
-walk `items()` and call `read`, so no more than one layer-tensor is on the host at a time.
+walk `items()` and call `read`, so no more than one layer-tensor is on the host at a time; `read_part(param,
+layer, inner)` reads one expert's matrix of a layer-tensor (inner = (e,)), so the converters and `verify` hold
+one expert (117 MB at Mixtral-8x7B's widths, against 940 MB for the layer-tensor). The HF reader copies with
+plain file reads (no memory map: its touched pages would count towards the resident memory).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from flax import nnx
 
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.hf_checkpoint import (CheckpointFiles, TensorMapping, _named_params, detect_mappings,
-                                       hf_to_ours, legacy_mappings)
+                                       legacy_mappings, transpose_into)
 from mixtral_jax.model import Mixtral
 from mixtral_jax.safetensors_io import CheckpointError
 
@@ -90,9 +93,40 @@ class HFSource:
         shape, dtype = self.shapes[param]
         buffer = np.empty(shape, np.dtype(dtype))
         for m in self.groups[(param, layer)]:
-            target = buffer[split_index(m)[1]]
-            target[...] = hf_to_ours(m, self.files.read(m.hf_key), target.shape).astype(buffer.dtype)
+            self._fill(m, buffer[split_index(m)[1]])
         return buffer
+
+    def read_part(self, param: str, layer: int | None, inner: tuple) -> np.ndarray:
+        """`read(param, layer)[inner]`, reading only the bytes it needs (inner: an expert index, (e,))."""
+        inner = tuple(inner)
+        if not inner:
+            return self.read(param, layer)
+        shape, dtype = self.shapes[param]
+        out = np.empty(shape[len(inner):], np.dtype(dtype))
+        for m in self.groups[(param, layer)]:
+            index = split_index(m)[1]
+            if m.kind.startswith("fused_") and len(inner) == 1:
+                self._fill(m, out, expert=inner[0])
+                return out
+            if index == inner:
+                self._fill(m, out)
+                return out
+        raise KeyError(f"{param} layer {layer}: no HF tensor holds index {inner}")
+
+    def _fill(self, m: TensorMapping, target: np.ndarray, expert: int | None = None) -> None:
+        """Our layout of mapping `m` into `target` (C-contiguous; with `expert`, only that expert of a fused
+        tensor), read with plain file reads."""
+        if m.kind == "copy":
+            target[...] = self.files.read_copy(m.hf_key).reshape(target.shape)
+        elif m.kind == "linear":
+            raw = self.files.read_copy(m.hf_key)
+            transpose_into(raw, target.reshape(raw.shape[1], raw.shape[0]))
+        else:  # fused_w1 / fused_w3: [E, 2F, D] halves; fused_w2: [E, D, F]; each expert transposed
+            f = m.hf_shape[1] // 2
+            rows = {"fused_w1": slice(0, f), "fused_w3": slice(f, 2 * f)}.get(m.kind)
+            for e in range(m.hf_shape[0]) if expert is None else (expert,):
+                raw = self.files.read_copy(m.hf_key, (e,), rows)
+                transpose_into(raw, target[e] if expert is None else target)
 
     def extra_files(self) -> dict[str, str]:
         return extra_files(self.directory)
@@ -120,6 +154,15 @@ class ModelSource:
         if isinstance(value, NF4Weight):
             value = dequantize_weight(value)
         return np.asarray(jax.device_get(value))
+
+    def read_part(self, param: str, layer: int | None, inner: tuple) -> np.ndarray:
+        from mixtral_jax.quantized import NF4Weight
+
+        value = self.params[param].get_value()
+        if isinstance(value, NF4Weight) or not inner:
+            return self.read(param, layer)[tuple(inner)]
+        index = (layer, *inner) if layer is not None else tuple(inner)
+        return np.asarray(jax.device_get(value[index]))
 
     def extra_files(self) -> dict[str, str]:
         return {} if self.directory is None else extra_files(self.directory)

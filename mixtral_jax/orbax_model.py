@@ -14,26 +14,34 @@ layer-tensor at a time and restored onto any mesh. `mixtral-jax convert hf-to-or
         layers/007/input_layernorm/weight         [D]      layer 7 of the stacked parameter, i.e. param[7]
         layers/007/self_attn/q_proj               [D, H, hd]   (k_proj, v_proj [D, KV, hd]; o_proj [H, hd, D])
         layers/007/block_sparse_moe/gate          [D, E]
-        layers/007/block_sparse_moe/w1            [E, D, F]    (w3 the same; w2 [E, F, D])
+        layers/007/block_sparse_moe/w1/003        [D, F]   expert 3 of w1 (w3 the same; w2 [F, D]): one key per
+                                                           expert, so no step holds a whole [E, D, F] (940 MB at
+                                                           8x7B's widths). Version 1 stored .../w1 [E, D, F]
+                                                           whole; it is still read.
+      Arrays are stored uncompressed (zarr3 without zstd: the weights barely compress, and zstd on a few cores
+      was the converter's bottleneck).
       With quantize nf4 every weight that `quantized.quantize_base` quantises (q/k/v/o_proj, gate, w1-w3) is
       stored as its two arrays, `.../q_proj/packed` (uint8) and `.../q_proj/absmax` (fp32), exactly
-      `quantize_base(model)`'s arrays for that layer (so ~0.56 bytes per quantised parameter on disk).
+      `quantize_base(model)`'s arrays for that layer (so ~0.56 bytes per quantised parameter on disk); the NF4
+      experts stay one key per layer-tensor ([E, ...] packed), as quantised from the whole layer-tensor.
 
 Writing uses Orbax's partial saves (`orbax.checkpoint.experimental.v1.partial`): each save adds new keys in a
-new OCDBT sub-database without reading or rewriting the earlier ones, so the writer holds one layer-tensor at a
-time; `finalize` commits the checkpoint. The whole directory is built under a temporary name and renamed when
+new OCDBT sub-database without reading or rewriting the earlier ones, so the writer holds one layer-tensor
+(one expert's matrix for w1-w3) at a time; `finalize` commits the checkpoint. The whole directory is built under a temporary name and renamed when
 complete (output_dir.py).
 
 Reading restores each of our stacked parameters from its L layer slices, each restored straight onto the
-target sharding (the parameter's sharding without its layers axis, any mesh), then stacked on the devices:
-peak memory is the model plus one parameter. Single layer-tensors can be read alone (`OrbaxSource`), which the
+target sharding (the parameter's sharding without its layers axis, any mesh; an expert's matrix without the
+layers and experts axes), then stacked on the devices: peak memory is the model plus one parameter. Single layer-tensors can be read alone (`OrbaxSource`), which the
 converters back to HF use.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +61,7 @@ from mixtral_jax.safetensors_io import CheckpointError
 
 FORMAT = "mixtral-jax-orbax-model"
 VERSION = 1
+EXPERTS = ("w1", "w2", "w3")
 MARKER = "orbax_model.json"
 WEIGHTS = "weights"
 QUANTIZE = ("none", "nf4")
@@ -88,6 +97,21 @@ def leaf_key(param: str, layer: int | None) -> tuple[str, ...]:
 
 def is_quantized(param: str) -> bool:
     return param.startswith("layers.") and param.split(".")[-1] in QUANTIZED
+
+
+def per_expert(param: str, marker: dict) -> bool:
+    """Whether `param` is stored one key per expert (unquantised w1-w3)."""
+    return (marker.get("quantize") == "none" and param.startswith("layers.block_sparse_moe.") and param.split(".")[-1] in EXPERTS)
+
+
+def expert_key(param: str, layer: int, expert: int) -> tuple[str, ...]:
+    return (*leaf_key(param, layer), f"{expert:03d}")
+
+
+def _save_context():
+    ctx = _orbax().Context()
+    ctx.array.saving.use_compression = False
+    return ctx
 
 
 def _nest(keys: tuple[str, ...], value, tree: dict | None = None) -> dict:
@@ -165,22 +189,42 @@ def convert_hf(hf_dir: str, out: str, *, dtype: str | None = None, quantize: str
                                             desc=f"hf-to-orbax {os.path.basename(out)}",
                                             disable=not show_progress) as bar:
         weights = os.path.join(os.path.abspath(tmp), WEIGHTS)
-        for param, layer in source.items():
+        experts = config.num_local_experts
+        marker = {"version": VERSION, "quantize": quantize}
+
+        def nf4(param, layer):
             array = source.read(param, layer)
-            if quantize == "nf4" and is_quantized(param):
-                q = quantize_weight(jnp.asarray(array)[None], axes[param], leading=1)
-                leaf = {"packed": np.asarray(q.packed[0]), "absmax": np.asarray(q.absmax[0])}
-                stored["quantized_params"] += array.size
-                stored["quantized_bytes"] += leaf["packed"].nbytes + leaf["absmax"].nbytes
-                del q
+            q = quantize_weight(jnp.asarray(array)[None], axes[param], leading=1)
+            return {"packed": np.asarray(q.packed[0]), "absmax": np.asarray(q.absmax[0])}, array.size
+
+        # (Orbax key, reader of its leaf, the item it completes): each leaf is read (and transposed) on a
+        # background thread while the previous one is saved, so at most two leaves are on the host.
+        tasks = []
+        for param, layer in source.items():
+            if per_expert(param, marker):
+                tasks += [(expert_key(param, layer, e), functools.partial(source.read_part, param, layer, (e,)),
+                           (param, layer) if e == experts - 1 else None) for e in range(experts)]
+            elif quantize == "nf4" and is_quantized(param):
+                tasks.append((leaf_key(param, layer), functools.partial(nf4, param, layer), (param, layer)))
             else:
-                leaf = array
-                stored["other_bytes"] += array.nbytes
-            partial.save(weights, _nest(leaf_key(param, layer), leaf))
-            del array, leaf
-            read = source.new_bytes((param, layer))
-            stored["read_bytes"] += read
-            bar.update(read)
+                tasks.append((leaf_key(param, layer), functools.partial(source.read, param, layer), (param, layer)))
+        with _save_context(), ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
+            ahead = pool.submit(tasks[0][1])
+            for i, (key, _, item) in enumerate(tasks):
+                leaf = ahead.result()
+                ahead = pool.submit(tasks[i + 1][1]) if i + 1 < len(tasks) else None
+                if isinstance(leaf, tuple):  # NF4: the packed arrays and the parameter count
+                    leaf, count = leaf
+                    stored["quantized_params"] += count
+                    stored["quantized_bytes"] += leaf["packed"].nbytes + leaf["absmax"].nbytes
+                else:
+                    stored["other_bytes"] += leaf.nbytes
+                partial.save(weights, _nest(key, leaf))
+                del leaf
+                if item is not None:
+                    read = source.new_bytes(item)
+                    stored["read_bytes"] += read
+                    bar.update(read)
         partial.finalize(weights)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config.to_hf(), f, indent=2)
@@ -244,7 +288,19 @@ def load(directory: str | os.PathLike, dtype: str | None = None, *, mesh=None, l
             return jax.ShapeDtypeStruct(shape, leaf_dtype, sharding=_without_layer_axis(sharding) if per_layer
                                         else sharding)
 
-        if name.startswith("layers."):
+        if per_expert(name, marker):
+            experts = config.num_local_experts
+            tree = {}
+            for i in range(layers):
+                for e in range(experts):
+                    _nest(expert_key(name, i, e), jax.ShapeDtypeStruct(
+                        leaves.shape[2:], stored_dtype, sharding=_without_layer_axis(_without_layer_axis(target))),
+                        tree)
+            restored = _load(weights, tree)
+            slices = [_get(restored, expert_key(name, i, e)) for i in range(layers) for e in range(experts)]
+            result = _stack(slices, leaves.dtype, target, (layers, experts))
+            del restored, slices
+        elif name.startswith("layers."):
             tree: dict = {}
             for i in range(layers):
                 _nest(leaf_key(name, i), jax.tree.map(lambda l, s: abstract(l, s, True), leaves, target), tree)
@@ -272,8 +328,12 @@ def load(directory: str | os.PathLike, dtype: str | None = None, *, mesh=None, l
     return model
 
 
-def _stack(slices, dtype, sharding):
-    return jax.jit(lambda *xs: jnp.stack(xs).astype(dtype), out_shardings=sharding)(*slices)
+def _stack(slices, dtype, sharding, leading=None):
+    def stack(*xs):
+        stacked = jnp.stack(xs).astype(dtype)
+        return stacked if leading is None else stacked.reshape(*leading, *stacked.shape[1:])
+
+    return jax.jit(stack, out_shardings=sharding)(*slices)
 
 
 def _cast(x, dtype, sharding):
@@ -289,11 +349,14 @@ class OrbaxSource:
         self.config, self.marker = read_config(self.directory)
         self.weights = os.path.abspath(os.path.join(self.directory, self.marker.get("weights", WEIGHTS)))
         self.params = dict(_named_params(abstract_model(self.config, quantize=self.marker["quantize"])))
+        self._cached: tuple = (None, None)
 
     def items(self) -> list[Item]:
         return ordered_items(self.config)
 
     def read(self, param: str, layer: int | None) -> np.ndarray:
+        if layer is not None and per_expert(param, self.marker):
+            return np.stack([self.read_part(param, layer, (e,)) for e in range(self.config.num_local_experts)])
         value = self.params[param].get_value()
         leaves = _as_leaves(value)
         per_layer = layer is not None
@@ -304,6 +367,18 @@ class OrbaxSource:
             q = value.replace(packed=jnp.asarray(leaf["packed"]), absmax=jnp.asarray(leaf["absmax"]))
             return np.asarray(dequantize_weight(q))
         return np.asarray(leaf)
+
+    def read_part(self, param: str, layer: int | None, inner: tuple) -> np.ndarray:
+        """`read(param, layer)[inner]`; an expert's matrix (inner (e,)) of an unquantised checkpoint is one key."""
+        inner = tuple(inner)
+        if layer is not None and len(inner) == 1 and per_expert(param, self.marker):
+            value = self.params[param].get_value()
+            key = expert_key(param, layer, inner[0])
+            return np.asarray(_get(_load(self.weights, _nest(key, np.empty(value.shape[2:], value.dtype))), key))
+        if self._cached[0] != (param, layer):  # a whole layer-tensor, read once for all its experts
+            self._cached = (None, None)
+            self._cached = ((param, layer), self.read(param, layer))
+        return self._cached[1][inner]
 
     def extra_files(self) -> dict[str, str]:
         return extra_files(self.directory)

@@ -2,7 +2,10 @@
 
 `safetensors.numpy` cannot hold bfloat16 (numpy has no such dtype), so we read the format ourselves: an
 8-byte little-endian header length, a JSON header, then raw little-endian tensor bytes. Tensors are memory
-mapped, so reading one tensor of a 5 GB shard touches only that tensor's bytes. Every malformed file gives a
+mapped, so reading one tensor of a 5 GB shard touches only that tensor's bytes; `SafetensorsFile.read` copies
+one tensor (or one slab of it) into a fresh array with plain file reads instead, which the streaming converters
+use: a memory map's touched pages count towards the process's resident memory until it is dropped, a read
+buffer's only while the array lives. Every malformed file gives a
 `CheckpointError` that names the file (and the tensor).
 """
 
@@ -88,6 +91,45 @@ class SafetensorsFile:
         if end == begin:
             return np.zeros(shape, dtype)
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
+
+    def read(self, name: str, prefix: tuple[int, ...] = (), rows: slice | None = None,
+             out: np.ndarray | None = None) -> np.ndarray:
+        """`tensor[prefix][rows]` (integer indices into the leading axes, then an optional step-1 slice of the
+        next axis: always one contiguous byte range) read with plain file reads into a fresh array (or `out`,
+        C-contiguous, of that shape and dtype). Nothing stays mapped."""
+        if name not in self._entries:
+            raise CheckpointError(f"{self.path}: no tensor '{name}'")
+        begin, _ = self._entries[name]["data_offsets"]
+        shape, dtype = self.shape(name), self.dtype(name)
+        if len(prefix) + (rows is not None) > len(shape):
+            raise IndexError(f"{name}: index {prefix} {rows} has more axes than shape {shape}")
+        strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
+        offset = 0
+        for axis, i in enumerate(prefix):
+            if not 0 <= i < shape[axis]:
+                raise IndexError(f"{name}: index {i} out of range for axis {axis} of shape {shape}")
+            offset += i * strides[axis]
+        sub = shape[len(prefix):]
+        if rows is not None:
+            start, stop, step = rows.indices(sub[0])
+            if step != 1:
+                raise ValueError("rows must be a step-1 slice")
+            offset += start * strides[len(prefix)]
+            sub = (max(stop - start, 0), *sub[1:])
+        if out is None:
+            out = np.empty(sub, dtype)
+        elif out.shape != tuple(sub) or out.dtype != dtype or not out.flags.c_contiguous:
+            raise ValueError(f"{name}: out must be C-contiguous {dtype} {tuple(sub)}, not {out.dtype} {out.shape}")
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        position = self._data_start + begin + offset * dtype.itemsize
+        with open(self.path, "rb", buffering=0) as f:
+            done = 0
+            while done < len(view):
+                n = os.preadv(f.fileno(), [view[done:done + (256 << 20)]], position + done)
+                if n <= 0:
+                    raise CheckpointError(f"{self.path}: truncated file while reading tensor '{name}'")
+                done += n
+        return out
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],

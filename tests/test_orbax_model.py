@@ -156,7 +156,10 @@ def test_layout_on_disk(orbax_dir):
 
     tree = ocp.metadata(os.path.join(orbax_dir, "weights")).metadata
     assert sorted(tree["layers"]) == ["000", "001"]
-    assert tuple(tree["layers"]["001"]["block_sparse_moe"]["w1"].shape) == (4, 32, 64)
+    assert marker["version"] == orbax_model.VERSION == 1
+    w1 = tree["layers"]["001"]["block_sparse_moe"]["w1"]  # one key per expert
+    assert sorted(w1) == ["000", "001", "002", "003"] and tuple(w1["002"].shape) == (32, 64)
+    assert tuple(tree["layers"]["000"]["block_sparse_moe"]["w2"]["003"].shape) == (64, 32)
     assert tuple(tree["layers"]["000"]["self_attn"]["q_proj"].shape) == (32, 4, 8)
     assert tuple(tree["embed_tokens"].shape) == (128, 32) and tuple(tree["lm_head"].shape) == (32, 128)
     assert not [n for n in os.listdir(os.path.dirname(orbax_dir)) if n.startswith(".")]

@@ -1,0 +1,118 @@
+"""The converters at Mixtral-8x7B's real layer widths: throughput and peak memory against a plain `cp`.
+
+    python -m bench.bench_convert [--layers 2] [--dir /tmp/bench-convert] [--json OUT] [--keep]
+
+Writes a synthetic HF checkpoint (legacy per-expert layout, bf16, two shards) with Mixtral-8x7B's widths
+(hidden 4096, intermediate 14336, 8 experts, 32 heads, 8 kv heads, vocab 32000) and `--layers` layers
+(2: ~6.2 GB), then times, each in its own process under `/usr/bin/time -v`: `cp -r` of that directory,
+`mixtral-jax convert hf-to-orbax`, `mixtral-jax convert orbax-to-hf` and `mixtral-jax convert verify` of the
+round trip. Reports seconds, GB/s of checkpoint bytes, the ratio to `cp`'s rate and each process's peak RSS.
+Every layer of the real model has the same tensors, so the peak memory measured here is the real model's;
+time scales with the bytes (the README extrapolates to 93 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+
+from mixtral_jax.config import MixtralConfig
+from mixtral_jax.hf_checkpoint import legacy_mappings
+from mixtral_jax.safetensors_io import write_safetensors
+
+REAL_WIDTHS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                   num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6,
+                   max_position_embeddings=32768, rms_norm_eps=1e-5, sliding_window=None)
+
+
+def write_synthetic(directory: str, layers: int, seed: int = 0) -> int:
+    """A legacy-layout bf16 HF directory, one shard per layer (the first also holds the embedding, the last
+    the norm and LM head); returns its tensor bytes."""
+    config = MixtralConfig.from_dict({**REAL_WIDTHS, "num_hidden_layers": layers, "dtype": "bfloat16",
+                                      "param_dtype": "bfloat16"})
+    rng = np.random.default_rng(seed)
+    shards: list[list] = [[] for _ in range(layers)]
+    for m in legacy_mappings(config):
+        layer = int(m.hf_key.split(".")[2]) if m.hf_key.startswith("model.layers.") else (
+            0 if "embed_tokens" in m.hf_key else layers - 1)
+        shards[layer].append(m)
+    os.makedirs(directory, exist_ok=True)
+    weight_map, total = {}, 0
+    for i, mappings in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{layers:05d}.safetensors"
+        tensors = [(m.hf_key, (0.02 * rng.standard_normal(m.hf_shape, np.float32)).astype(ml_dtypes.bfloat16))
+                   for m in mappings]
+        write_safetensors(os.path.join(directory, name), tensors)
+        for key, array in tensors:
+            weight_map[key] = name
+            total += array.nbytes
+        del tensors
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump({**config.to_hf(), "torch_dtype": "bfloat16"}, f, indent=2)
+    return total
+
+
+def timed(argv: list[str]) -> dict:
+    """Wall seconds and peak RSS of one process, from GNU time's verbose report."""
+    result = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True)
+    if result.returncode not in (0, 1) or "Maximum resident set size" not in result.stderr:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{result.stderr[-3000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", result.stderr).group(1)
+    seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
+    return {"seconds": seconds, "peak_rss_mb": rss_kb / 1024, "returncode": result.returncode,
+            "stdout_tail": result.stdout[-500:]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--dir", default="/tmp/bench-convert", help="work directory (needs ~4x the checkpoint)")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    shutil.rmtree(args.dir, ignore_errors=True)
+    hf, copy, orbax, back = (os.path.join(args.dir, name) for name in ("hf", "cp", "orbax", "hf-back"))
+    print(f"writing a synthetic {args.layers}-layer checkpoint at Mixtral-8x7B widths ...", file=sys.stderr)
+    nbytes = write_synthetic(hf, args.layers)
+    cli = [sys.executable, "-m", "mixtral_jax.cli", "convert"]
+    runs = {
+        "cp": timed(["cp", "-r", hf, copy]),
+        "hf-to-orbax": timed([*cli, "hf-to-orbax", hf, orbax, "--quiet"]),
+        "orbax-to-hf": timed([*cli, "orbax-to-hf", orbax, back, "--quiet"]),
+        "verify": timed([*cli, "verify", hf, back]),
+    }
+    if runs["verify"]["returncode"] != 0:
+        raise RuntimeError(f"the round trip differs:\n{runs['verify']['stdout_tail']}")
+    gb = nbytes / 1e9
+    cp_rate = gb / runs["cp"]["seconds"]
+    rows = []
+    for name, run in runs.items():
+        rate = gb / run["seconds"]
+        rows.append({"step": name, "seconds": run["seconds"], "gb_per_s": rate, "vs_cp": rate / cp_rate,
+                     "peak_rss_mb": run["peak_rss_mb"]})
+    print(f"checkpoint: {args.layers} layers at Mixtral-8x7B widths, bf16, {gb:.2f} GB")
+    print("| step | seconds | GB/s | rate / cp | peak RSS MB |\n|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['step']} | {r['seconds']:.1f} | {r['gb_per_s']:.3f} | {r['vs_cp']:.2f} | {r['peak_rss_mb']:,.0f} |")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"layers": args.layers, "bytes": nbytes, "rows": rows}, f, indent=2)
+            f.write("\n")
+    if not args.keep:
+        shutil.rmtree(args.dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
