@@ -165,3 +165,14 @@ def test_a_checkpoint_resumes_onto_another_mesh(straight, corpus, tmp_path):
     assert list(resumed) == list(expected)
     np.testing.assert_allclose([resumed[s] for s in range(7, STEPS + 1)], [expected[s] for s in range(7, STEPS + 1)],
                                rtol=1e-4)  # fp32 sums in another order
+
+
+def test_the_trainer_starts_from_an_orbax_nf4_checkpoint(straight, corpus, tmp_path):
+    """hf-to-orbax --quantize nf4 gives the QLoRA base the trainer would have built from the HF directory."""
+    from mixtral_jax.cli import main
+
+    orbax_dir = tmp_path / "orbax"
+    assert main(["convert", "hf-to-orbax", checkpoint.base_path("bundled:tiny"), str(orbax_dir), "--quantize",
+                 "nf4", "--dtype", "float32", "--quiet"]) == 0
+    _run(str(tmp_path / "run"), corpus, f"model.path={orbax_dir}", "steps=2")
+    assert _losses(str(tmp_path / "run"))[1] == _losses(straight[0])[1]  # step 1: same base, batch, dropout
