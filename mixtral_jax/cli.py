@@ -15,6 +15,7 @@ USER_ERRORS = (ConfigError, CheckpointError, TokenizerError, FileNotFoundError, 
 def build_parser() -> argparse.ArgumentParser:
     from bench.cli import register as register_bench
     from convert.cli import register as register_convert
+    from eval.cli import register as register_eval
     from mixtral_jax.generate_cli import register as register_generate
     from train.cli import register as register_train
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_convert(commands)
     register_train(commands)
     register_bench(commands)
+    register_eval(commands)
     return parser
 
 

