@@ -76,6 +76,7 @@ class MixtralConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    attention_chunk: int | None = None  # attend in blocks of this many queries when longer (bounded memory)
 
     def __post_init__(self):
         self.validate()
@@ -111,6 +112,10 @@ class MixtralConfig:
                  f"({self.num_local_experts})")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             fail("sliding_window", f"must be null or a positive integer, got {self.sliding_window!r}")
+        if self.attention_chunk is not None and (not isinstance(self.attention_chunk, int)
+                                                 or isinstance(self.attention_chunk, bool)
+                                                 or self.attention_chunk <= 0):
+            fail("attention_chunk", f"must be null or a positive integer, got {self.attention_chunk!r}")
         for name, value in (("rope_theta", self.rope_theta), ("rms_norm_eps", self.rms_norm_eps),
                             ("capacity_factor", self.capacity_factor)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:

@@ -85,6 +85,7 @@ class MixtralOutput:
     router_logits: jax.Array   # [L, B, T, E] fp32
     dropped_tokens: jax.Array  # int32: (token, expert) assignments the capacity backend dropped
     cache: Any = None          # the updated KVCache when one was given
+    hidden_states: Any = None  # [B, T, D] after the final norm, instead of logits, with return_hidden=True
 
 
 class Mixtral(nnx.Module):
@@ -106,13 +107,15 @@ class Mixtral(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  cache: KVCache | None = None, layers: list[DecoderLayer] | None = None,
-                 dropout_key: jax.Array | None = None) -> MixtralOutput:
+                 dropout_key: jax.Array | None = None, return_hidden: bool = False) -> MixtralOutput:
         """input_ids [B, T]; attention_mask [B, T]: 1 = real token, 0 = padding (left padding for generation),
         or, for packed training rows, segment ids 1, 2, 3, ... (nondecreasing along the row): attention stays
         inside a segment and positions restart at each one.
 
         `layers` (from `split_layers`) runs those modules, unrolled, instead of the stacked parameters.
-        `dropout_key` turns on LoRA dropout (training).
+        `dropout_key` turns on LoRA dropout (training). `return_hidden` skips the LM head and returns the
+        final hidden states (for callers that need only some columns or positions of the [B, T, V] logits:
+        multiply by `output_head()` themselves).
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -137,8 +140,8 @@ class Mixtral(nnx.Module):
         x, router_logits, new_kv, dropped = self._run_layers(x, positions, attn_mask, cache_kv, first_slot, layers,
                                                              dropout_key)
         x = self.norm(x)
-        head = self.embed_tokens[...].T if cfg.tie_word_embeddings else self.lm_head[...]
-        logits = constrain(jnp.einsum("btd,dv->btv", x, head.astype(dtype)), ("batch", "length", "act_vocab"))
+        logits = None if return_hidden else constrain(jnp.einsum("btd,dv->btv", x, self.output_head()),
+                                                      ("batch", "length", "act_vocab"))
 
         new_cache = None
         if cache is not None:
@@ -146,7 +149,13 @@ class Mixtral(nnx.Module):
                                 next_position=cache.next_position + jnp.sum(mask, axis=-1, dtype=jnp.int32))
         aux = load_balancing_loss(router_logits, cfg.num_experts_per_tok, mask)
         return MixtralOutput(logits=logits, aux_loss=aux, router_logits=router_logits,
-                             dropped_tokens=jnp.sum(dropped), cache=new_cache)
+                             dropped_tokens=jnp.sum(dropped), cache=new_cache,
+                             hidden_states=x if return_hidden else None)
+
+    def output_head(self) -> jax.Array:
+        """[D, V] in the compute dtype: the LM head, or the transposed embedding when they are tied."""
+        head = self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        return head.astype(jnp.dtype(self.config.dtype))
 
     def split_layers(self) -> list[DecoderLayer]:
         """One module per layer with its own parameter buffers.

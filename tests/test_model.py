@@ -61,6 +61,47 @@ def test_padded_batch_matches_transformers_with_attention_mask(reference_dirs):
     assert abs(float(out.aux_loss) - ref_aux) <= 1e-5
 
 
+@pytest.mark.parametrize("chunk", [4, 5])  # 5: T = 21 is not a multiple, the last block is padded
+def test_chunked_attention_matches_transformers_on_a_padded_batch_with_sliding_window(reference_dirs, chunk):
+    """Query blocks (attention_chunk), each with its own mask built from slots and segments, give the
+    unchunked numbers (1e-5) and transformers' (1e-4), with left padding and a sliding window (5)."""
+    ref_model, directory = reference_dirs("gqa4_top2_window")
+    ids = _ids(ref_model.config.vocab_size, batch=3, seq=21)
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :13] = 0
+    ref_logits, _, _ = _reference(ref_model, ids, mask)
+    real = mask.astype(bool)
+    whole = mj.from_pretrained(directory, dtype="float32")(jnp.asarray(ids), jnp.asarray(mask))
+    chunked_model = mj.from_pretrained(directory, dtype="float32", attention_chunk=chunk)
+    assert chunked_model.config.attention_chunk == chunk
+    chunked = chunked_model(jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(chunked.logits)[real], np.asarray(whole.logits)[real], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(chunked.logits)[real], ref_logits[real], atol=1e-4, rtol=0)
+
+
+def test_chunked_attention_equals_the_whole_mask_on_packed_segments_and_a_cache():
+    """The attention function itself, fp32, 1e-5: packed segments (1, 2, 3 and padding) and queries that
+    start at cache slot 7 of a 32-slot buffer, so blocks see keys before their own rows."""
+    from mixtral_jax.attention import attend, visibility
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 19, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 32, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, 32, 2, 8)), jnp.float32)
+    key_segments = np.zeros((2, 32), np.int32)
+    key_segments[0, :26] = np.repeat([1, 2, 3], [8, 10, 8])
+    key_segments[1, 3:26] = 1
+    query_segments = key_segments[:, 7:26]
+    slots = jnp.broadcast_to(7 + jnp.arange(19), (2, 19))
+    for window in (None, 6):
+        vis = visibility(slots, jnp.asarray(query_segments), jnp.asarray(key_segments), window)
+        whole = attend(q, k, v, vis)
+        for chunk in (1, 4, 7, 19):
+            np.testing.assert_allclose(np.asarray(attend(q, k, v, vis, chunk)), np.asarray(whole),
+                                       atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("implementation", [dict(scan_layers=False), dict(remat_policy="full"),
                                             dict(remat_policy="dots", scan_layers=False)])
 def test_unrolled_and_rematerialised_layers_compute_the_same(reference_dirs, implementation):
