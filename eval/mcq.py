@@ -164,14 +164,11 @@ def choice_ids(tokenizer) -> tuple[list[int], list[int]]:
 
 @partial(jax.jit, static_argnames=("graphdef",))
 def _candidate_logits(graphdef, state, input_ids, attention_mask, candidates):
+    """Only the candidates' columns of the head at the last position: [B, 8] logits instead of [B, T, vocab]
+    (XLA does not narrow the head by itself; on small models that head is most of the work and the memory)."""
     model = nnx.merge(graphdef, state)
-    if model.config.tie_word_embeddings:
-        logits = model(input_ids, attention_mask).logits[:, -1, :]  # left padding: every prompt ends at -1
-        return logits[:, candidates].astype(jnp.float32)
-    # Only the candidates' columns of the LM head: [B, T, 8] logits instead of [B, T, vocab] (XLA does not
-    # narrow the head by itself; on small models that head is most of the work and the memory).
-    model.lm_head.set_value(model.lm_head[...][:, candidates])
-    return model(input_ids, attention_mask).logits[:, -1, :].astype(jnp.float32)
+    last = model(input_ids, attention_mask, return_hidden=True).hidden_states[:, -1]  # left padding
+    return jnp.einsum("bd,dc->bc", last, model.output_head()[:, candidates]).astype(jnp.float32)
 
 
 def bucket_batches(lengths: Sequence[int], batch: int, pad_multiple: int) -> list[tuple[int, list[int]]]:
