@@ -46,12 +46,13 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, pdtype)
         self.block_sparse_moe = SparseMoE(config, rngs=rngs, lora=lora)
 
-    def __call__(self, x, positions, mask, cache_kv=None, first_slot=None, dropout_key=None):
+    def __call__(self, x, positions, mask, cache_kv=None, first_slot=None, dropout_key=None, router_bias=None):
         attention_key, moe_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         attn_out, kv = self.self_attn(self.input_layernorm(x), positions, mask, cache_kv, first_slot,
                                       attention_key)
         x = x + attn_out
-        moe_out, router_logits, dropped = self.block_sparse_moe(self.post_attention_layernorm(x), moe_key)
+        moe_out, router_logits, dropped = self.block_sparse_moe(self.post_attention_layernorm(x), moe_key,
+                                                                router_bias)
         return x + moe_out, router_logits, (kv if cache_kv is not None else None), dropped
 
 
@@ -107,7 +108,8 @@ class Mixtral(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  cache: KVCache | None = None, layers: list[DecoderLayer] | None = None,
-                 dropout_key: jax.Array | None = None, return_hidden: bool = False) -> MixtralOutput:
+                 dropout_key: jax.Array | None = None, return_hidden: bool = False,
+                 router_bias: jax.Array | None = None) -> MixtralOutput:
         """input_ids [B, T]; attention_mask [B, T]: 1 = real token, 0 = padding (left padding for generation),
         or, for packed training rows, segment ids 1, 2, 3, ... (nondecreasing along the row): attention stays
         inside a segment and positions restart at each one.
@@ -116,6 +118,8 @@ class Mixtral(nnx.Module):
         `dropout_key` turns on LoRA dropout (training). `return_hidden` skips the LM head and returns the
         final hidden states (for callers that need only some columns or positions of the [B, T, V] logits:
         multiply by `output_head()` themselves).
+        `router_bias` [L, E] is added to each layer's router logits before the softmax and top-k (the returned
+        `router_logits` are the biased ones): `-inf` at (l, e) switches expert e of layer l off (see SparseMoE).
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -137,8 +141,13 @@ class Mixtral(nnx.Module):
         attn_mask = visibility(query_slots, segments, key_segments, cfg.sliding_window)
 
         x = constrain(self.embed_tokens[...].astype(dtype)[input_ids], ("batch", "length", "act_embed"))
+        if router_bias is not None:
+            router_bias = jnp.asarray(router_bias, jnp.float32)
+            expected = (cfg.num_hidden_layers, cfg.num_local_experts)
+            if router_bias.shape != expected:
+                raise ValueError(f"router_bias shape {router_bias.shape}: expected [layers, experts] = {expected}")
         x, router_logits, new_kv, dropped = self._run_layers(x, positions, attn_mask, cache_kv, first_slot, layers,
-                                                             dropout_key)
+                                                             dropout_key, router_bias)
         x = self.norm(x)
         logits = None if return_hidden else constrain(jnp.einsum("btd,dv->btv", x, self.output_head()),
                                                       ("batch", "length", "act_vocab"))
@@ -166,26 +175,26 @@ class Mixtral(nnx.Module):
         graphdef, state = nnx.split(self.layers)
         return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(self.config.num_hidden_layers)]
 
-    def _run_layers(self, x, positions, mask, cache_kv, first_slot, layers=None, dropout_key=None):
+    def _run_layers(self, x, positions, mask, cache_kv, first_slot, layers=None, dropout_key=None, router_bias=None):
         graphdef, state = nnx.split(self.layers)
         layer_keys = None if dropout_key is None else jax.random.split(dropout_key, self.config.num_hidden_layers)
 
         def body(hidden, layer_inputs):
-            layer, kv, key = layer_inputs
+            layer, kv, key, bias = layer_inputs
             if not isinstance(layer, DecoderLayer):
                 layer = nnx.merge(graphdef, layer)
-            hidden, router_logits, kv, dropped = layer(hidden, positions, mask, kv, first_slot, key)
+            hidden, router_logits, kv, dropped = layer(hidden, positions, mask, kv, first_slot, key, bias)
             return hidden, (router_logits, kv, dropped)
 
         if self.config.remat_policy != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.config.remat_policy])
         if self.config.scan_layers and layers is None:
-            x, (router_logits, kv, dropped) = jax.lax.scan(body, x, (state, cache_kv, layer_keys))
+            x, (router_logits, kv, dropped) = jax.lax.scan(body, x, (state, cache_kv, layer_keys, router_bias))
             return x, router_logits, kv, dropped
         outputs = []
         for i in range(self.config.num_hidden_layers):
             layer = layers[i] if layers is not None else jax.tree.map(lambda a: a[i], state)
-            x, out = body(x, (layer, *jax.tree.map(lambda a: a[i], (cache_kv, layer_keys))))
+            x, out = body(x, (layer, *jax.tree.map(lambda a: a[i], (cache_kv, layer_keys, router_bias))))
             outputs.append(out)
         router_logits, kv, dropped = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
         return x, router_logits, kv, dropped

@@ -47,11 +47,19 @@ class SparseMoE(nnx.Module):
             weight = getattr(self, name)
             attach(self, name, weight.shape, 1, weight.get_metadata()["logical_axes"], lora, rngs, leading=1)
 
-    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [B, S, D] -> (output [B, S, D], router logits [B, S, E] in fp32, number of dropped assignments)."""
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None,
+                 router_bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, S, D] -> (output [B, S, D], router logits [B, S, E] in fp32, number of dropped assignments).
+
+        `router_bias` [E] (fp32) is added to the router logits before routing (and the returned logits are the
+        biased ones); `-inf` switches an expert off: its softmax probability is exactly zero, so it is never
+        among the top-k while at least k experts are on, and the others renormalise among themselves.
+        """
         cfg = self.config
         dtype = x.dtype
         logits = project(x, read(self.gate, dtype), adapter_of(self, "gate", dtype, dropout_key), 1).astype(jnp.float32)
+        if router_bias is not None:
+            logits = logits + jnp.asarray(router_bias, jnp.float32)
         expert_ids, expert_weights = route(logits, cfg.num_experts_per_tok)
         expert_weights = expert_weights.astype(dtype)
         # Each expert weight travels with its adapter (or None): (W [E, in, out], Adapter | None).
@@ -70,10 +78,14 @@ class SparseMoE(nnx.Module):
 
 
 def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
-    """Softmax in fp32, top-k, the k weights renormalised to sum to one (transformers' MixtralTopKRouter)."""
-    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
-    top_probs, top_ids = jax.lax.top_k(probs, top_k)
-    return top_ids, top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
+    """transformers' MixtralTopKRouter: softmax in fp32, top-k, the k weights renormalised to sum to one.
+
+    Computed as the top-k of the logits and a softmax over those k alone, which is the same thing (the softmax
+    is monotone, and p_i / sum_topk p_j = exp(x_i) / sum_topk exp(x_j)) but depends, to the last bit, only on
+    the k chosen logits: switching off (router bias -inf) an expert that was not chosen changes nothing.
+    """
+    top_logits, top_ids = jax.lax.top_k(router_logits.astype(jnp.float32), top_k)
+    return top_ids, jax.nn.softmax(top_logits, axis=-1)
 
 
 def _swiglu(x, w1, w3, w2, matmul):

@@ -194,3 +194,50 @@ def test_packed_samples_compute_what_each_sample_computes_alone(reference_dirs):
         alone = np.asarray(model(jnp.asarray(ids[:, start:start + n])).logits)[0]
         np.testing.assert_allclose(packed[start:start + n], alone, atol=1e-5, rtol=0)
         start += n
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: "-".join(str(v) for v in b.values()))
+@pytest.mark.parametrize("name,layer,expert", [("gqa2_top2", 1, 2), ("mha_top1_hd16", 0, 5), ("mqa_top3", 1, 0)])
+def test_router_bias_minus_inf_switches_an_expert_off_as_transformers_does(reference_dirs, name, layer, expert,
+                                                                         backend):
+    """router_bias -inf at (layer, expert) == transformers with that layer's router logit of the expert at -inf
+    (a forward hook on its `mlp.gate`, ahead of transformers' own output recorder, that adds -inf to the
+    column and routes again from the biased logits)."""
+    ref_model, directory = reference_dirs(name)
+    cfg = ref_model.config
+    ids = _ids(cfg.vocab_size, seed=3)
+    _, plain_router, _ = _reference(ref_model, ids)
+    k = cfg.num_experts_per_tok
+    assert (np.argsort(-plain_router[layer], -1)[:, :k] == expert).any()  # the expert is used when it is on
+
+    def switch_off(module, args, output):
+        logits = output[0].clone()
+        logits[:, expert] = float("-inf")
+        probs = torch.softmax(logits.float(), dim=-1)
+        top, indices = torch.topk(probs, module.top_k, dim=-1)
+        return logits, top / top.sum(dim=-1, keepdim=True), indices
+
+    handle = ref_model.model.layers[layer].mlp.gate.register_forward_hook(switch_off, prepend=True)
+    try:
+        ref_logits, ref_router, _ = _reference(ref_model, ids)
+    finally:
+        handle.remove()
+    assert np.isneginf(ref_router[layer][:, expert]).all()  # the hook's logits are the ones recorded
+
+    model = mj.from_pretrained(directory, **backend)
+    bias = np.zeros((cfg.num_hidden_layers, cfg.num_local_experts), np.float32)
+    bias[layer, expert] = -np.inf
+    out = model(jnp.asarray(ids), router_bias=jnp.asarray(bias))
+    np.testing.assert_allclose(np.asarray(out.logits), ref_logits, atol=1e-4, rtol=0)
+    ours_router = np.asarray(out.router_logits).reshape(ref_router.shape)
+    np.testing.assert_allclose(ours_router, ref_router, atol=1e-4, rtol=0)  # -inf in the same places
+    ours_top = np.sort(np.argsort(-ours_router, -1, kind="stable")[..., :k], -1)
+    np.testing.assert_array_equal(ours_top, np.sort(np.argsort(-ref_router, -1, kind="stable")[..., :k], -1))
+    assert not (ours_top[layer] == expert).any()
+    assert int(out.dropped_tokens) == 0
+    assert np.isfinite(float(out.aux_loss))
+    # The logits differ from the unbiased model's (the expert mattered), and a zero bias changes nothing.
+    plain = model(jnp.asarray(ids))
+    assert np.abs(np.asarray(plain.logits) - np.asarray(out.logits)).max() > 1e-3
+    zero = model(jnp.asarray(ids), router_bias=jnp.zeros_like(jnp.asarray(bias)))
+    np.testing.assert_array_equal(np.asarray(zero.logits), np.asarray(plain.logits))

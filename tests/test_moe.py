@@ -103,3 +103,28 @@ def test_expert_capacity_bounds():
     assert expert_capacity(1, 2, 8, 1.0) == 1  # decoding never drops: top-k experts are distinct
     assert expert_capacity(100, 2, 8, 1.25) == 32
     assert expert_capacity(10, 2, 8, 100.0) == 10  # an expert can take each token once at most
+
+
+def test_router_bias_minus_inf_on_an_unchosen_expert_changes_nothing_and_on_a_chosen_one_reroutes():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(64, 8)).astype(np.float32))
+    ids, weights = route(logits, 2)
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    top = np.take_along_axis(probs, np.asarray(ids), -1)
+    np.testing.assert_allclose(np.asarray(weights), top / top.sum(-1, keepdims=True), rtol=1e-6)
+    # An expert made unchosen everywhere: lower its logits below every row's second best, then switch it off.
+    low = logits.at[:, 3].set(-10.0)
+    ids_low, weights_low = route(low, 2)
+    assert not (np.asarray(ids_low) == 3).any()
+    bias = jnp.zeros(8).at[3].set(-jnp.inf)
+    ids_off, weights_off = route(low + bias, 2)
+    np.testing.assert_array_equal(np.asarray(ids_off), np.asarray(ids_low))
+    np.testing.assert_array_equal(np.asarray(weights_off), np.asarray(weights_low))  # bit for bit
+    # Switching off a chosen expert: the next best takes its place, the other renormalise among themselves.
+    ids_off, weights_off = route(logits + bias, 2)
+    assert not (np.asarray(ids_off) == 3).any()
+    masked = np.where(np.arange(8) == 3, 0.0, probs)
+    expected_ids = np.sort(np.argsort(-masked, -1, kind="stable")[:, :2], -1)
+    np.testing.assert_array_equal(np.sort(np.asarray(ids_off), -1), expected_ids)
+    kept = np.take_along_axis(masked, np.asarray(ids_off), -1)
+    np.testing.assert_allclose(np.asarray(weights_off), kept / kept.sum(-1, keepdims=True), rtol=1e-6)
