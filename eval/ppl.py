@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from functools import partial
 from typing import Sequence
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eval.report import write_json
+from eval.report import publish, replace_atomically
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
@@ -167,32 +166,6 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _replace_atomically(path: str, write) -> None:
-    """`write(tmp_path)` into a temporary sibling, then rename: the file appears whole or not at all."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text if text.endswith("\n") else text + "\n")
-
-    _replace_atomically(path, write)
-
-
 def plot(result: dict, path: str, title: str | None = None) -> None:
     """PNG: perplexity against context length, log2 x axis (Agg backend, no display needed)."""
     import matplotlib
@@ -213,7 +186,7 @@ def plot(result: dict, path: str, title: str | None = None) -> None:
         ax.set_title(title or f"Perplexity vs context length ({mode})")
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
-        _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+        replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
 
@@ -249,12 +222,5 @@ def run(args) -> int:
               "attention_chunk": model.config.attention_chunk,
               "max_position_embeddings": model.config.max_position_embeddings,
               "seconds": round(time.perf_counter() - start, 3), **result}
-    table = markdown_table(result)
-    if args.out:
-        write_json(args.out, result)
-    if args.table:
-        write_text(args.table, table)
-    if args.plot:
-        plot(result, args.plot)
-    print(table)
+    publish(result, markdown_table(result), args.out, args.table, args.plot, plot)
     return 0
