@@ -203,3 +203,16 @@ def test_verify_identical_and_perturbed(hf_dir, orbax_dir, tmp_path, capsys):
     assert main(["convert", "verify", orbax_dir, str(bad), "--json"]) == 1
     result = json.loads(capsys.readouterr().out)
     assert result["differing"] == 1 and result["largest"][0]["tensor"] == key
+
+
+def test_a_resized_vocabulary_is_carried_through(tmp_path, capsys):
+    """A model whose embedding and head were resized (e.g. by vocabulary extension) converts both ways
+    unchanged: nothing in the converters assumes Mixtral's 32,000 pieces."""
+    hf, orbax, back = (str(tmp_path / name) for name in ("hf", "orbax", "back"))
+    assert main(["convert", "init", hf, "vocab_size=32768", "--preset", "tiny", "--seed", "1"]) == 0
+    assert main(["convert", "hf-to-orbax", hf, orbax, "--quiet"]) == 0
+    assert main(["convert", "orbax-to-hf", orbax, back, "--quiet"]) == 0
+    assert json.load(open(os.path.join(back, "config.json")))["vocab_size"] == 32768
+    assert from_pretrained(orbax).embed_tokens.shape == (32768, 64)
+    capsys.readouterr()
+    assert main(["convert", "verify", hf, back]) == 0
