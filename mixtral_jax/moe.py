@@ -88,6 +88,15 @@ def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
     return top_ids, jax.nn.softmax(top_logits, axis=-1)
 
 
+def expert_assignments(router_logits: jax.Array, top_k: int, mask: jax.Array | None = None) -> jax.Array:
+    """[L, E]: how many (real, where `mask` [B, T] is true) tokens each layer's router sent to each expert,
+    from router logits [L, B, T, E] (the training metrics and `eval experts` count this)."""
+    top_ids, _ = route(router_logits, top_k)
+    one_hot = jax.nn.one_hot(top_ids, router_logits.shape[-1], dtype=jnp.float32)     # [L, B, T, k, E]
+    weight = jnp.ones(router_logits.shape[1:3], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    return jnp.einsum("lbtke,bt->le", one_hot, weight)
+
+
 def _swiglu(x, w1, w3, w2, matmul):
     """w2(silu(w1 x) * w3 x), each weight an array or a (W, Adapter | None) pair; `matmul(lhs, W)` is the
     backend's (grouped) product, which the adapters reuse: x W + scale * (x A) B."""

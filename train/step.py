@@ -16,17 +16,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mixtral_jax.loss import next_token_nll
+from mixtral_jax.moe import expert_assignments
 from mixtral_jax.sharding import named_sharding, param_shardings, use_mesh
 
 BATCH_AXES = ("batch", "length")
 BATCH_KEYS = ("input_ids", "labels", "attention_mask")
-
-
-def expert_assignments(router_logits: jax.Array, top_k: int, mask: jax.Array) -> jax.Array:
-    """[L, E]: how many real tokens each layer's router sent to each expert (top-k of [L, B, T, E] logits)."""
-    _, selected = jax.lax.top_k(router_logits, top_k)
-    one_hot = jax.nn.one_hot(selected, router_logits.shape[-1], dtype=jnp.float32)   # [L, B, T, k, E]
-    return jnp.einsum("lbtke,bt->le", one_hot, mask.astype(jnp.float32))
 
 
 class TrainStep(NamedTuple):
