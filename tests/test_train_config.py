@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from mixtral_jax.cli import main
-from train.config import CONFIG_DIR, ConfigError, describe_keys, load_config
+from mixtral_jax.settings import describe_settings
+from train.config import CONFIG_DIR, ConfigError, TrainConfig, load_config
 
 
 @pytest.mark.parametrize("preset", ["pretrain", "sft", "pretrain_tiny", "sft_tiny"])
@@ -62,7 +63,7 @@ def test_a_bad_file_is_named(tmp_path):
 
 
 def test_every_key_is_documented(capsys):
-    rows = describe_keys()
+    rows = describe_settings(TrainConfig)
     keys = {key for key, _, _ in rows}
     assert {"run_dir", "steps", "save_every", "log_every", "seed", "data.seq_len", "lora.rank"} <= keys
     assert all(help_text for _, _, help_text in rows)

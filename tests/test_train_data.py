@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mixtral_jax.tokenizer import default_tokenizer_path, load_tokenizer
-from train.corpora import HELDOUT_EVERY, hsk_instructions, peoples_daily
+from mixtral_jax.corpora import HELDOUT_EVERY, CorpusError, hsk_english, hsk_instructions, peoples_daily
 from train.data import BatchIterator, DataError, pretrain_blocks, pretrain_dataset, read_texts
 from train.sft import build_sft, pack_examples, pad_examples, read_alpaca, sft_example
 
@@ -128,7 +128,7 @@ def test_read_texts_errors_name_file_and_line(tmp_path):
         read_texts(str(tmp_path / "notes.md"))
     with pytest.raises(DataError, match="no .txt/.jsonl/.json files"):
         read_texts(str(tmp_path / "missing"))
-    with pytest.raises(DataError, match="peoples-daily.*peoples-daily-heldout"):
+    with pytest.raises(CorpusError, match="bundled:wiki: no such text corpus .*peoples-daily, peoples-daily-heldout"):
         read_texts("bundled:wiki")
 
 
@@ -348,8 +348,20 @@ def test_peoples_daily():
     tag = re.compile(r"/[A-Za-z]{1,3}\b")
     assert not any(tag.search(line) or " " in line for line in train + heldout)
     assert train[0] == "迈向充满希望的新世纪——一九九八年新年讲话（附图片１张）"
-    with pytest.raises(DataError, match="unknown split 'test'"):
+    assert sorted(peoples_daily("all")) == sorted(train + heldout)
+    with pytest.raises(CorpusError, match="unknown split 'test'"):
         peoples_daily("test")
+
+
+def test_hsk_english():
+    train, heldout = hsk_english("train"), hsk_english("heldout")
+    assert len(train) // len(heldout) == HELDOUT_EVERY - 1 and list(read_texts("bundled:hsk-english")) == train
+    assert list(read_texts("bundled:hsk-english-heldout")) == heldout
+    assert all(line and line == line.strip() for line in train + heldout)
+    with_chinese = [line for line in train + heldout if re.search("[\u4e00-\u9fff]", line)]
+    assert len(with_chinese) < 0.01 * len(train)  # a few keep a character: "At New Year there's a 福 on the door."
+    english_outputs = {r["output"] for r in hsk_instructions("heldout") if r["instruction"].startswith("把")}
+    assert english_outputs <= set(heldout)  # the same held-out sentences as the instructions
 
 
 def test_hsk_instructions():

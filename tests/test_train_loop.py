@@ -18,7 +18,7 @@ import mixtral_jax as mj
 from mixtral_jax import checkpoint
 from train import loop
 from train.config import ConfigError, load_config
-from train.corpora import peoples_daily
+from mixtral_jax.corpora import peoples_daily
 from train.metrics import read_metrics
 
 STEPS = 12

@@ -32,13 +32,11 @@ def register_train(commands) -> None:
 
 
 def run_train(args) -> int:
-    from train.config import describe_keys, load_config
+    from mixtral_jax.settings import keys_text
+    from train.config import TrainConfig, load_config
 
     if args.keys:
-        rows = describe_keys()
-        width = max(len(key) for key, _, _ in rows)
-        for key, default, help_text in rows:
-            print(f"{key:<{width}}  {help_text} [default: {default}]")
+        print(keys_text(TrainConfig))
         return 0
     if not args.config:
         raise ValueError("a CONFIG (YAML file or preset name) is required")

@@ -30,11 +30,11 @@ def read_texts(source: str, text_field: str = "text") -> Iterator[str]:
     `source` is a `.txt` file (one document a line), a `.jsonl`/`.json` file (JSON lines, or one JSON list,
     of objects with a string `text_field`), a directory or glob of such files (read in sorted order),
     `hf:PATH_OR_NAME[:split]` (a dataset saved with `save_to_disk`, or a Hugging Face hub name),
-    `tfds:NAME[:split]` (TensorFlow Datasets, under $TFDS_DATA_DIR if set) or `bundled:NAME` (train/corpora.py).
+    `tfds:NAME[:split]` (TensorFlow Datasets, under $TFDS_DATA_DIR if set) or `bundled:NAME` (mixtral_jax/corpora.py).
     The split defaults to "train".
     """
     if source.startswith("bundled:"):
-        from train import corpora
+        from mixtral_jax import corpora
 
         return iter(corpora.bundled_texts(source.removeprefix("bundled:")))
     if source.startswith("hf:"):

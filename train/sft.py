@@ -24,9 +24,9 @@ Example = tuple[list[int], list[int]]  # (input_ids, labels)
 
 def read_alpaca(path: str) -> list[dict[str, str]]:
     """Records of an Alpaca JSON list or JSON lines file (`instruction`, optional `input`, `output`), or
-    of `bundled:NAME` (train/corpora.py); a missing input becomes ""."""
+    of `bundled:NAME` (mixtral_jax/corpora.py); a missing input becomes ""."""
     if path.startswith("bundled:"):
-        from train import corpora
+        from mixtral_jax import corpora
 
         return corpora.bundled_instructions(path.removeprefix("bundled:"))
     records = []
