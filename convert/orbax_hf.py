@@ -4,7 +4,6 @@ comparison of any two checkpoints."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 
@@ -41,33 +40,12 @@ def hf_to_orbax(hf_dir: str, out: str, dtype: str = "keep", quantize: str = "non
 
 
 def merged_run_model(run_dir: str, base: str | None = None, merge_base: str = "full"):
-    """A LoRA run's model with its adapters folded in (W + B A * alpha / r in fp32, then cast), on the run's
-    recorded base or on `base` (an HF directory); `merge_base` "nf4" merges onto the dequantised NF4 base
-    the run trained on, "full" (default) onto the full-precision base. The whole model is in memory."""
-    from flax import nnx
-
-    from mixtral_jax.lora import merge_adapters
-
-    run_model = checkpoint.read_manifest(run_dir)
-    if base is not None:
-        run_model = dataclasses.replace(run_model, base=os.path.abspath(base))
-    if merge_base == "full":
-        run_model = dataclasses.replace(run_model, quantize="none")
-    manager = checkpoint.open_manager(run_dir)
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise CheckpointError(f"{os.path.join(run_dir, checkpoint.CHECKPOINTS)}: no checkpoint")
-        model = checkpoint.build_model(run_model)
-        graphdef, params, frozen = nnx.split(model, run_model.trainable(), ...)
-        import jax
-
-        shardings = jax.tree.map(lambda x: x.sharding, params)
-        params, _, _ = checkpoint.restore(manager, step, params, shardings)
-    finally:
-        manager.close()
-    model = nnx.merge(graphdef, params, frozen)
-    return merge_adapters(model) if run_model.lora is not None else model, checkpoint.base_path(run_model.base)
+    """A run's model with its adapters folded in (W + B A * alpha / r in fp32, then cast), and the directory
+    of the model at the bottom of its chain of runs: the recorded one, or `base` (an HF directory) in its
+    place. `merge_base` "nf4" merges onto the dequantised NF4 base the run trained on, "full" (default) onto
+    the full-precision base. The whole model is in memory."""
+    model = checkpoint.load_run(run_dir, merge=True, root=base and os.path.abspath(base), merge_base=merge_base)
+    return model, os.path.abspath(base) if base else checkpoint.root_base(run_dir)
 
 
 def orbax_to_hf(src: str, out: str, dtype: str = "keep", max_shard_size: str | int | None = "5GB",

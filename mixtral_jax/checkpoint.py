@@ -64,20 +64,27 @@ def base_path(spec: str) -> str:
     return spec
 
 
-def build_model(run_model: RunModel, mesh=None):
+def build_model(run_model: RunModel, mesh=None, root: str | None = None):
     """The base with fresh adapters (A from `lora_seed`, B zero), quantised to NF4 when asked. A base that is
-    itself a training run (SFT after pre-training) is that run's model with its adapters merged."""
+    itself a training run (SFT after pre-training) is that run's model with its adapters merged. `root`
+    replaces the model at the bottom of such a chain (the full-precision weights of an NF4 base, say)."""
     from mixtral_jax.hf_checkpoint import from_pretrained
     from mixtral_jax.quantized import quantize_base
 
     base = base_path(run_model.base)
     if is_run_dir(base):
-        model = load_run(base, mesh=mesh, merge=True, **run_model.implementation)
+        model = load_run(base, mesh=mesh, merge=True, root=root, **run_model.implementation)
         model = _with_fresh_adapters(model, run_model)
     else:
-        model = from_pretrained(base, run_model.dtype, mesh=mesh, lora=run_model.lora_config(),
+        model = from_pretrained(root or base, run_model.dtype, mesh=mesh, lora=run_model.lora_config(),
                                 lora_seed=run_model.lora_seed, **run_model.implementation)
     return quantize_base(model) if run_model.quantize == "nf4" else model
+
+
+def root_base(run_dir: str) -> str:
+    """The model at the bottom of a chain of runs (the HF or Orbax directory the first run started from)."""
+    base = base_path(read_manifest(run_dir).base)
+    return root_base(base) if is_run_dir(base) else base
 
 
 def _with_fresh_adapters(model: Mixtral, run_model: RunModel) -> Mixtral:
@@ -149,23 +156,28 @@ def restore(manager: ocp.CheckpointManager, step: int, params_like, params_shard
     return restored["params"], restored.get("opt_state") if opt_like is not None else None, restored["meta"]
 
 
-def load_run(run_dir: str, step: int | None = None, mesh=None, merge: bool = False, **implementation):
+def load_run(run_dir: str, step: int | None = None, mesh=None, merge: bool = False, root: str | None = None,
+             merge_base: str = "full", **implementation):
     """The run's model with its trained weights of `step` (default: the latest checkpoint); `implementation`
     overrides model fields that do not change the weights (moe_backend, scan_layers, ...). With `merge`, the
-    adapters are folded into the full-precision base and removed."""
+    adapters are folded into the base and removed: the full-precision base, as Chinese-Mixtral's release
+    merged them, or with `merge_base="nf4"` the dequantised NF4 base the run trained on. `root` replaces
+    the model at the bottom of a chain of runs (see `build_model`)."""
     run_model = read_manifest(run_dir)
     run_model = dataclasses.replace(run_model, implementation={**run_model.implementation, **implementation})
-    if merge:  # adapters fold into the full-precision base, as Chinese-Mixtral's release merged them
+    if merge and merge_base == "full":
         run_model = dataclasses.replace(run_model, quantize="none")
     manager = open_manager(run_dir)
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-        raise CheckpointError(f"{os.path.join(run_dir, CHECKPOINTS)}: no checkpoint"
-                              f"{'' if step is None else f' for step {step}'} (steps: {list(manager.all_steps())})")
-    model = build_model(run_model, mesh)
-    graphdef, params, frozen = nnx.split(model, run_model.trainable(), ...)
-    shardings = jax.tree.map(lambda x: x.sharding, params)
-    params, _, _ = restore(manager, step, params, shardings)
-    manager.close()
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None or step not in manager.all_steps():
+            raise CheckpointError(f"{os.path.join(run_dir, CHECKPOINTS)}: no checkpoint"
+                                  f"{'' if step is None else f' for step {step}'} (steps: {list(manager.all_steps())})")
+        model = build_model(run_model, mesh, root)
+        graphdef, params, frozen = nnx.split(model, run_model.trainable(), ...)
+        shardings = jax.tree.map(lambda x: x.sharding, params)
+        params, _, _ = restore(manager, step, params, shardings)
+    finally:
+        manager.close()
     model = nnx.merge(graphdef, params, frozen)
-    return merge_adapters(model) if merge else model
+    return merge_adapters(model) if merge and run_model.lora is not None else model

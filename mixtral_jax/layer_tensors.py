@@ -186,7 +186,7 @@ def open_source(path: str, dtype: str | None = None):
     if orbax_model.is_orbax_model(path):
         return orbax_model.OrbaxSource(path)
     if checkpoint.is_run_dir(path):
-        base = checkpoint.base_path(checkpoint.read_manifest(path).base)
+        base = checkpoint.root_base(path)
         return ModelSource(checkpoint.load_run(path, merge=True), base if os.path.isdir(base) else None)
     return HFSource(path, dtype)
 
