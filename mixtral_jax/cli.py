@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from convert.cli import register as register_convert
     from eval.cli import register as register_eval
     from mixtral_jax.generate_cli import register as register_generate
+    from pipeline.cli import register as register_pipeline
     from train.cli import register as register_train
 
     parser = argparse.ArgumentParser(prog="mixtral-jax", description=__doc__)
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_train(commands)
     register_bench(commands)
     register_eval(commands)
+    register_pipeline(commands)
     return parser
 
 
