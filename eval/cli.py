@@ -12,16 +12,26 @@ def register(commands) -> None:
 
     mcq = sub.add_parser(
         "mcq", formatter_class=fmt,
-        help="C-Eval-layout multiple choice (C-Eval; CMMLU/MMLU converted to that layout), 0- or k-shot",
-        description="Scores each question as Chinese-Mixtral's C-Eval evaluator does (option score = next-token "
-                    "logit of '▁X' plus that of 'X'; argmax) and reports accuracy per subject, per category "
-                    "and overall (all correct / all questions).")
+        help="C-Eval, CMMLU or MMLU multiple choice, 0- or k-shot, as Chinese-Mixtral's evaluators score it",
+        description="Builds each benchmark's reference prompt (C-Eval/CMMLU: Chinese-Mixtral's template, "
+                    "optionally [INST]-wrapped; MMLU: its 'The following are multiple choice questions' "
+                    "template), scores each option (C-Eval/CMMLU: next-token logit of '▁X' plus that of 'X'; "
+                    "MMLU: logit of '▁X'), takes the argmax and reports accuracy per subject, per category and "
+                    "overall (all correct / all questions).")
     mcq.add_argument("--model", required=True, help="HF directory, Orbax model checkpoint or training run")
-    mcq.add_argument("--data", required=True, help="directory with {dev,val,test}/{subject}_{split}.csv")
+    mcq.add_argument("--data", required=True,
+                     help="the benchmark's official CSV directory (C-Eval {dev,val,test}/{subject}_{split}.csv, "
+                          "CMMLU {dev,test}/{subject}.csv, MMLU {dev,val,test}/{subject}_{split}.csv without "
+                          "header), or hf:NAME[@REVISION] (ceval/ceval-exam, haonan-li/cmmlu, cais/mmlu, or a "
+                          "local directory of save_to_disk datasets, one per subject)")
+    mcq.add_argument("--benchmark", default=None, choices=["ceval", "cmmlu", "mmlu"],
+                     help="default: detected from the file layout (or the hf: name / columns)")
     mcq.add_argument("--shots", type=int, default=5, help="dev examples before each question (0: none)")
-    mcq.add_argument("--instruct", action="store_true", help="wrap the prompt in [INST] ... [/INST] turns")
+    mcq.add_argument("--instruct", action="store_true",
+                     help="wrap the prompt in [INST] ... [/INST] turns (C-Eval, CMMLU)")
     mcq.add_argument("--subjects", default=None, help="comma-separated subject keys (default: all in the split)")
-    mcq.add_argument("--split", default="val", choices=["val", "test", "dev"])
+    mcq.add_argument("--split", default=None, choices=["val", "test", "dev"],
+                     help="default: the reference's (C-Eval val, CMMLU test, MMLU val)")
     mcq.add_argument("--out", default=None, help="JSON file for the results and every prediction")
     mcq.add_argument("--batch", type=int, default=8)
     mcq.add_argument("--pad-multiple", type=int, default=64, help="prompt lengths are padded to a multiple of this")
@@ -32,6 +42,32 @@ def register(commands) -> None:
                      help="1.1 reproduces the reference run's generate() scores; 1.0 = raw logits")
     mcq.add_argument("--quiet", action="store_true", help="no progress bars")
     mcq.set_defaults(run=_run_mcq)
+
+    harness = sub.add_parser(
+        "harness", formatter_class=fmt,
+        help="run lm-evaluation-harness tasks on our model (needs the 'harness' extra: lm-eval)",
+        description="Wraps the model and tokenizer as an lm-eval LM (loglikelihood, loglikelihood_rolling, "
+                    "generate_until; batched, jitted, length buckets) and calls lm_eval.simple_evaluate. Task "
+                    "datasets come from the Hugging Face Hub unless a task YAML under --include-path points to "
+                    "local files.")
+    harness.add_argument("--model", required=True, help="HF directory, Orbax model checkpoint or training run")
+    harness.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names")
+    harness.add_argument("--num-fewshot", type=int, default=None, help="default: each task's own")
+    harness.add_argument("--limit", type=float, default=None, help="at most N documents per task (or a fraction)")
+    harness.add_argument("--include-path", default=None, help="folder with extra task YAML files")
+    harness.add_argument("--out", default=None, help="JSON file for lm-eval's results")
+    harness.add_argument("--log-samples", action="store_true", help="keep every document's outputs in --out")
+    harness.add_argument("--bootstrap-iters", type=int, default=1000, help="for the metrics' standard errors")
+    harness.add_argument("--batch", type=int, default=8)
+    harness.add_argument("--pad-multiple", type=int, default=64, help="lengths are padded to a multiple of this")
+    harness.add_argument("--max-length", type=int, default=None,
+                         help="context window (default: the model's max_position_embeddings)")
+    harness.add_argument("--max-gen-toks", type=int, default=256, help="generation limit when a task sets none")
+    harness.add_argument("--tokenizer", default=None, help="HF tokenizer directory or .model file (default: Mixtral's)")
+    harness.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
+    harness.add_argument("--moe-backend", default="dropless", choices=["dense", "dropless", "capacity"])
+    harness.add_argument("--quiet", action="store_true", help="no progress bars")
+    harness.set_defaults(run=_run_harness)
 
     ppl = sub.add_parser(
         "ppl", formatter_class=fmt,
@@ -105,6 +141,14 @@ def register(commands) -> None:
 def _run_mcq(args) -> int:
     from eval.mcq import run
 
+    return run(args)
+
+
+def _run_harness(args) -> int:
+    try:
+        from eval.harness import run
+    except ImportError as err:
+        raise ValueError(f"lm-eval is not installed ({err}); pip install 'mixtral-jax[harness]'") from None
     return run(args)
 
 
