@@ -14,11 +14,17 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                process_id: int | None = None, local_device_ids=None) -> bool:
     """`jax.distributed.initialize` when this is one process of several, a no-op on a single host.
 
-    Several processes are recognised by explicit arguments, by `JAX_COORDINATOR_ADDRESS`, or by a TPU pod's
-    worker list (`TPU_WORKER_HOSTNAMES` with more than one host, where JAX finds the rest itself). On CPU the
-    collectives go through gloo. Returns whether the distributed runtime was started.
+    Several processes are recognised by explicit arguments, by `JAX_COORDINATOR_ADDRESS` (with
+    `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`, which JAX itself does not read, so that a launcher can start
+    `mixtral-jax train` on each host with environment variables alone), or by a TPU pod's worker list
+    (`TPU_WORKER_HOSTNAMES` with more than one host, where JAX finds the rest itself). On CPU the collectives
+    go through gloo. Returns whether the distributed runtime was started.
     """
     explicit = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+        process_id = int(os.environ["JAX_PROCESS_ID"])
     pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if not explicit and not pod and (num_processes or 1) == 1:
         return False
