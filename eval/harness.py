@@ -203,7 +203,7 @@ def run(args) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     if not tasks:
         raise ValueError("--tasks: no task names given")
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer, model=args.model)
     model = from_pretrained(args.model, dtype=args.dtype, moe_backend=args.moe_backend, show_progress=not args.quiet)
     check_compatible(tokenizer, model.config.vocab_size, f"{args.model}/config.json")
     lm = MixtralLM(model, tokenizer, batch=args.batch, pad_multiple=args.pad_multiple, max_length=args.max_length,

@@ -272,7 +272,7 @@ def run(args) -> int:
     source.layout.check_split(split)  # before listing the split's folder
     subjects = [s for s in args.subjects.split(",") if s] if args.subjects else source.subjects(split)
     prepared = build_prompts(source, subjects, args.shots, args.instruct, split)  # bad data: before the model
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer, model=args.model)
     model = from_pretrained(args.model, dtype=args.dtype, moe_backend=args.moe_backend,
                             show_progress=not args.quiet)
     check_compatible(tokenizer, model.config.vocab_size, f"{args.model}/config.json")
@@ -280,7 +280,7 @@ def run(args) -> int:
     result = evaluate(model, tokenizer, source, args.shots, args.instruct, subjects, split, args.batch,
                       args.pad_multiple, args.repetition_penalty, progress=not args.quiet, prepared=prepared)
     seconds = time.perf_counter() - start
-    result = {"model": args.model, "data": args.data, "tokenizer": args.tokenizer or "mixtral (mistral-common)",
+    result = {"model": args.model, "data": args.data, "tokenizer": tokenizer.path,
               "seconds": round(seconds, 3), "tokens_per_s": round(result["prompt_tokens"] / seconds, 1), **result}
     if args.out:
         write_json(args.out, result)

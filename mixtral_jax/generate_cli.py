@@ -15,7 +15,8 @@ def register(commands) -> None:
     p.add_argument("model", nargs="?", default=TINY_MODEL_DIR,
                    help="HF model directory (default: the bundled tiny model, random weights)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
-    p.add_argument("--tokenizer", default=None, help="HF tokenizer directory or .model file (default: Mixtral's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="HF tokenizer directory or .model file (default: the model's own, else Mixtral's)")
     p.add_argument("--instruct", action="store_true", help="wrap each prompt in [INST] ... [/INST]")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -38,7 +39,7 @@ def run(args) -> int:
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer, model=args.model)
     model = from_pretrained(args.model, dtype=args.dtype, moe_backend=args.moe_backend)
     check_compatible(tokenizer, model.config.vocab_size, f"{args.model}/config.json")
     texts = [instruct_prompt(p) if args.instruct else p for p in args.prompt]

@@ -75,9 +75,30 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def load_tokenizer(path: str | None = None) -> Tokenizer:
-    """None: the embedded Mixtral tokenizer; a `.model` file: SentencePiece; a directory: HF tokenizer files
-    (a directory holding only `tokenizer.model` is read as SentencePiece)."""
+def model_tokenizer_path(model: str | None) -> str | None:
+    """The tokenizer that came with a model directory (a vocabulary-extended model brings its own): its
+    SentencePiece `tokenizer.model` when it has one (read directly, as the reference's LlamaTokenizer read
+    it), else the directory itself when it holds HF tokenizer files; a training run's is its base's. None when
+    the model brings none (the bundled tiny model)."""
+    if model is None or not os.path.isdir(model):
+        return None
+    names = set(os.listdir(model))
+    if "tokenizer.model" in names:
+        return os.path.join(model, "tokenizer.model")
+    if names & {"tokenizer.json", "tokenizer_config.json"}:
+        return model
+    from mixtral_jax import checkpoint  # a training run: the tokenizer of the model it trains
+
+    if checkpoint.is_run_dir(model):
+        return model_tokenizer_path(checkpoint.base_path(checkpoint.read_manifest(model).base))
+    return None
+
+
+def load_tokenizer(path: str | None = None, model: str | None = None) -> Tokenizer:
+    """A `.model` file: SentencePiece; a directory: HF tokenizer files (a directory holding only
+    `tokenizer.model` is read as SentencePiece); None: the tokenizer of `model` (model_tokenizer_path), else
+    the embedded Mixtral tokenizer."""
+    path = path or model_tokenizer_path(model)
     if path is None or os.path.isfile(path):
         return SentencePieceTokenizer(path)
     if not os.path.isdir(path):

@@ -15,10 +15,12 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    path: str = setting("bundled:tiny", "base model: an HF directory, or bundled:tiny (the packaged tiny model)")
+    path: str = setting("bundled:tiny", "base model: an HF or Orbax model directory, a training run (staged "
+                                        "runs), or bundled:tiny (the packaged tiny model)")
     dtype: Literal["float32", "bfloat16"] = setting("bfloat16", "dtype of the base weights and of compute")
     quantize: Literal["none", "nf4"] = setting("nf4", "nf4: store the frozen base in 4 bits (QLoRA)")
-    tokenizer: str | None = setting(None, "tokenizer file or directory (default: Mixtral's, from mistral-common)")
+    tokenizer: str | None = setting(None, "tokenizer file or directory (default: the base model's own, else "
+                                          "Mixtral's from mistral-common)")
     implementation: dict = dataclasses.field(
         default_factory=dict, metadata={"help": "model implementation fields (moe_backend, remat_policy, "
                                                 "scan_layers, capacity_factor, ...), see MixtralConfig"})

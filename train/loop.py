@@ -133,7 +133,7 @@ def train(config: TrainConfig, log=print) -> dict:
     run_model = run_model_of(config)
     _prepare_run_dir(config, run_model, writer)
 
-    tokenizer = load_tokenizer(config.model.tokenizer)
+    tokenizer = load_tokenizer(config.model.tokenizer, model=config.model.path)
     mesh = make_mesh(config.mesh)
     model = checkpoint.build_model(run_model, mesh)
     check_compatible(tokenizer, model.config.vocab_size, f"{config.model.path} field vocab_size")
