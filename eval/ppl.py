@@ -58,8 +58,16 @@ def read_text(path: str) -> str:
     return text
 
 
-def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> np.ndarray:
-    ids = np.asarray(tokenizer.encode(text, add_bos=True), np.int32)
+def tokenize(tokenizer, text: str, max_tokens: int | None = None, lines: bool = False) -> np.ndarray:
+    """The text as one sequence with one BOS; with `lines`, each non-empty line as its own document,
+    BOS + line + EOS, concatenated, as pre-training tokenises a corpus of lines (so a model trained that way
+    is scored on the form it learned, without the newlines it never saw)."""
+    if lines:
+        pieces = [[tokenizer.bos_id, *tokenizer.encode(line, add_bos=False), tokenizer.eos_id]
+                  for line in text.splitlines() if line.strip()]
+        ids = np.asarray([i for piece in pieces for i in piece], np.int32)
+    else:
+        ids = np.asarray(tokenizer.encode(text, add_bos=True), np.int32)
     return ids[:max_tokens] if max_tokens is not None else ids
 
 
@@ -212,7 +220,7 @@ def run(args) -> int:
     model = from_pretrained(args.model, dtype=args.dtype, moe_backend=args.moe_backend,
                             attention_chunk=args.attention_chunk or None, show_progress=not args.quiet)
     check_compatible(tokenizer, model.config.vocab_size, f"{args.model}/config.json")
-    ids = tokenize(tokenizer, text, args.max_tokens)
+    ids = tokenize(tokenizer, text, args.max_tokens, lines=args.lines)
     start = time.perf_counter()
     result = perplexity(model, ids, lengths, args.stride, args.position_chunk, args.max_windows,
                         progress=not args.quiet)

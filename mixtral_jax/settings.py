@@ -158,3 +158,17 @@ def keys_text(settings) -> str:
     rows = describe_settings(settings)
     width = max(len(key) for key, _, _ in rows)
     return "\n".join(f"{key:<{width}}  {help_text} [default: {default}]" for key, default, help_text in rows)
+
+
+def add_settings_arguments(parser, default: str | None, example: str) -> None:
+    """CONFIG (a YAML file or preset name), dotted key=value overrides, and --keys, for a command's parser."""
+    parser.add_argument("config", nargs="?", default=default, help="YAML file or preset name")
+    parser.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example}")
+    parser.add_argument("--keys", action="store_true", help="list every config key, its default and meaning, and exit")
+
+
+def config_and_overrides(config: str | None, overrides: list[str], default: str | None) -> tuple[str, list[str]]:
+    """argparse gives the first override as CONFIG when no CONFIG was named: it then joins the overrides."""
+    if config is not None and "=" in config:
+        return default, [config, *overrides]
+    return config, list(overrides)

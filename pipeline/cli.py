@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from mixtral_jax.settings import add_settings_arguments
+
 
 def register(commands) -> None:
     p = commands.add_parser(
@@ -15,15 +17,13 @@ def register(commands) -> None:
                     "stage resumes. Prints a report (perplexity before and after on Chinese and English, the "
                     "translation MCQ, the transformers check, where the files are) and writes it as report.json "
                     "and report.md in the work directory. Every key: --keys.")
-    p.add_argument("config", nargs="?", default="default", help="YAML file or preset name in pipeline/configs/")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides (e.g. work_dir=runs/x english.steps=50)")
-    p.add_argument("--keys", action="store_true", help="list every config key with its default and exit")
+    add_settings_arguments(p, "default", "work_dir=runs/x english.steps=50")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from mixtral_jax.output_dir import write_json, write_text
-    from mixtral_jax.settings import keys_text
+    from mixtral_jax.settings import config_and_overrides, keys_text
     from pipeline.config import PipelineConfig, load_config
     from pipeline.report import build_report, markdown
     from pipeline.stages import Paths, build_stages, run_stages
@@ -31,10 +31,7 @@ def run(args) -> int:
     if args.keys:
         print(keys_text(PipelineConfig))
         return 0
-    config_path, overrides = args.config, list(args.overrides)
-    if "=" in config_path:  # only overrides were given: they apply to the default config
-        config_path, overrides = "default", [config_path, *overrides]
-    config = load_config(config_path, overrides)
+    config = load_config(*config_and_overrides(args.config, args.overrides, "default"))
     paths = Paths(config)
     log = run_stages(build_stages(config, paths), paths)
     report = build_report(paths, log)

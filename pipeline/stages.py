@@ -65,7 +65,7 @@ def evaluation_commands(config: PipelineConfig, paths: Paths, model: str, out: s
     """Perplexity by context length on held-out Chinese and English, and the translation MCQ."""
     lengths = ",".join(map(str, config.eval.lengths))
     commands = [["eval", "ppl", "--model", model, "--text", os.path.join(paths.inputs, f"{lang}-heldout.txt"),
-                 "--lengths", lengths, "--max-windows", str(config.eval.max_windows), "--quiet",
+                 "--lines", "--lengths", lengths, "--max-windows", str(config.eval.max_windows), "--quiet",
                  "--out", os.path.join(out, f"ppl-{lang}.json"), "--plot", os.path.join(out, f"ppl-{lang}.png")]
                 for lang in ("zh", "en")]
     if config.eval.mcq_questions:

@@ -141,3 +141,25 @@ def test_cli_rejects_a_stride_longer_than_a_length(tmp_path):
 
     assert main(["eval", "ppl", "--model", TINY_MODEL_DIR, "--lengths", "64,128", "--stride", "100",
                  "--quiet"]) == 2
+
+
+def test_lines_are_documents_as_pre_training_tokenises_them(tmp_path):
+    """--lines: BOS + line + EOS per non-empty line, the form pretrain_blocks feeds the trainer."""
+    from mixtral_jax.cli import main
+    from mixtral_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    lines = ["中国的首都是北京。", "", "Hello world.", "人民日报"]
+    expected = [i for line in lines if line for i in [tokenizer.bos_id, *tokenizer.encode(line, add_bos=False),
+                                                      tokenizer.eos_id]]
+    assert ppl.tokenize(tokenizer, "\n".join(lines), lines=True).tolist() == expected
+    assert ppl.tokenize(tokenizer, "\n".join(lines), max_tokens=5, lines=True).tolist() == expected[:5]
+    text = tmp_path / "zh.txt"
+    text.write_text("\n".join(ppl.default_text().splitlines()[:40]), encoding="utf-8")
+    out = tmp_path / "ppl.json"
+    assert main(["eval", "ppl", "--model", TINY_MODEL_DIR, "--text", str(text), "--lines", "--lengths", "64",
+                 "--max-windows", "2", "--dtype", "float32", "--out", str(out), "--quiet"]) == 0
+    ids = ppl.tokenize(tokenizer, text.read_text(encoding="utf-8"), lines=True)
+    model = mj.from_pretrained(TINY_MODEL_DIR, "float32")
+    direct = ppl.perplexity(model, ids, [64], max_windows=2)
+    assert json.loads(out.read_text())["ppl"][0] == pytest.approx(direct["ppl"][0], rel=1e-5)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from mixtral_jax.lora import LoraConfig
+from mixtral_jax.settings import add_settings_arguments
 
 _CHILD = "MIXTRAL_JAX_PLAN_CHILD"  # set in the re-run, so that it never re-runs itself again
 
@@ -25,24 +26,23 @@ def register_train(commands) -> None:
         description="Trains as CONFIG says (a YAML file or a preset of train/configs: pretrain, sft, "
                     "pretrain_tiny, sft_tiny). A run_dir that holds a checkpoint resumes from it. "
                     "`--keys` lists every key with its default and meaning.")
-    p.add_argument("config", nargs="?", help="YAML file or preset name")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run_dir=runs/x steps=100 data.seq_len=512")
-    p.add_argument("--keys", action="store_true", help="list every config key, its default and meaning, and exit")
+    add_settings_arguments(p, None, "run_dir=runs/x steps=100 data.seq_len=512")
     p.set_defaults(run=run_train)
 
 
 def run_train(args) -> int:
-    from mixtral_jax.settings import keys_text
+    from mixtral_jax.settings import config_and_overrides, keys_text
     from train.config import TrainConfig, load_config
 
     if args.keys:
         print(keys_text(TrainConfig))
         return 0
-    if not args.config:
+    config_path, overrides = config_and_overrides(args.config, args.overrides, None)
+    if not config_path:
         raise ValueError("a CONFIG (YAML file or preset name) is required")
     from train.loop import TrainingDiverged, train
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(config_path, overrides)
     try:
         summary = train(config, log=lambda message: print(message, file=sys.stderr, flush=True))
     except TrainingDiverged as err:
