@@ -386,6 +386,22 @@ def test_bucket_batches_fixed_shapes():
     assert batches == [(64, [6, 4]), (64, [0, 2]), (128, [5, 1]), (192, [3])]
 
 
+def test_bucket_batches_compute_no_more_than_filling_each_width_alone():
+    """Every prompt in exactly one batch of at most `batch`, wide enough for it; the rows computed (batch x
+    width per call) never exceed filling each width's bucket on its own, and fall below it here."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 400, size=37).tolist()
+    batches = mcq.bucket_batches(lengths, batch=8, pad_multiple=64)
+    assert sorted(i for _, members in batches for i in members) == list(range(37))
+    assert all(len(m) <= 8 and all(lengths[i] <= width and width % 64 == 0 for i in m) for width, m in batches)
+    per_width: dict[int, int] = {}
+    for n in lengths:
+        width = 64 * -(-n // 64)
+        per_width[width] = per_width.get(width, 0) + 1
+    filled = sum(width * 8 * -(-count // 8) for width, count in per_width.items())
+    assert sum(width * 8 for width, _ in batches) < filled
+
+
 # --- bad input and the command line ------------------------------------------------------------------------
 
 def test_malformed_csv_names_file_and_line(tmp_path):
