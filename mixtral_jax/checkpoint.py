@@ -6,9 +6,9 @@
     RUN_DIR/checkpoints/STEP/        Orbax: `params` (trainable weights only), `opt_state`, `meta` (JSON:
                                      step, data position, RNG, ...)
 
-Orbax's CheckpointManager commits each step atomically (a step directory appears only when complete), keeps
-`max_to_keep` and saves asynchronously; restoring takes abstract arrays with shardings, so a checkpoint
-written on one mesh restores onto another.
+RUN_DIR may be a gs:// URL (mixtral_jax/paths.py). Orbax's CheckpointManager commits each step atomically
+(a step directory appears only when complete), keeps `max_to_keep` and saves asynchronously; restoring
+takes abstract arrays with shardings, so a checkpoint written on one mesh restores onto another.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 from flax import nnx
 
+from mixtral_jax import paths
 from mixtral_jax.config import read_json_object
 from mixtral_jax.lora import LoRAParam, LoraConfig, init_adapters, merge_adapters
 from mixtral_jax.model import Mixtral
@@ -97,16 +98,12 @@ def _with_fresh_adapters(model: Mixtral, run_model: RunModel) -> Mixtral:
 
 
 def write_manifest(run_dir: str, run_model: RunModel) -> None:
-    path = os.path.join(run_dir, MANIFEST)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(run_model), f, indent=2)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    paths.write_text(os.path.join(run_dir, MANIFEST), json.dumps(dataclasses.asdict(run_model), indent=2) + "\n")
 
 
 def read_manifest(run_dir: str) -> RunModel:
     path = os.path.join(run_dir, MANIFEST)
-    if not os.path.isfile(path):
+    if not paths.as_path(path).is_file():
         raise CheckpointError(f"{run_dir}: not a training run (no {MANIFEST})")
     values = read_json_object(path, CheckpointError)
     fields = {f.name for f in dataclasses.fields(RunModel)}
@@ -119,7 +116,7 @@ def read_manifest(run_dir: str) -> RunModel:
 
 
 def is_run_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MANIFEST))
+    return paths.as_path(os.path.join(path, MANIFEST)).is_file()
 
 
 def open_manager(run_dir: str, max_to_keep: int | None = None, async_save: bool = True) -> ocp.CheckpointManager:
@@ -127,7 +124,8 @@ def open_manager(run_dir: str, max_to_keep: int | None = None, async_save: bool 
 
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, CHECKPOINTS)), options=options)
+    directory = paths.as_path(os.path.join(run_dir, CHECKPOINTS))
+    return ocp.CheckpointManager(directory if paths.is_remote(run_dir) else directory.resolve(), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, params, opt_state, meta: dict[str, Any]) -> None:

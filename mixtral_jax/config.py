@@ -250,10 +250,12 @@ class MixtralConfig:
 
 
 def read_json_object(path: str, error: type[ValueError] = ConfigError) -> dict:
-    """A JSON file holding one object, or `error` naming the file."""
+    """A JSON file (local or gs://) holding one object, or `error` naming the file."""
+    from mixtral_jax import paths
+
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
+        with paths.open_binary(path) as f:
+            value = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise error(f"{path}: file not found") from None
     except json.JSONDecodeError as err:

@@ -244,12 +244,12 @@ def from_pretrained(path: str | os.PathLike, dtype: str | None = None, *, mesh=N
     With `mesh`, every parameter is placed with its sharding from the logical-axis rules as it is read.
     """
     directory = os.fspath(path)
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory}: not a directory")
-    from mixtral_jax import checkpoint  # a training run: its base with the run's latest trained weights
+    from mixtral_jax import checkpoint  # a training run (local or gs://): its base with its trained weights
 
     if checkpoint.is_run_dir(directory):
         return checkpoint.load_run(directory, mesh=mesh, **implementation)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: not a directory")
     from mixtral_jax import orbax_model  # an Orbax model checkpoint (convert hf-to-orbax)
 
     if orbax_model.is_orbax_model(directory):

@@ -80,17 +80,19 @@ def model_tokenizer_path(model: str | None) -> str | None:
     SentencePiece `tokenizer.model` when it has one (read directly, as the reference's LlamaTokenizer read
     it), else the directory itself when it holds HF tokenizer files; a training run's is its base's. None when
     the model brings none (the bundled tiny model)."""
-    if model is None or not os.path.isdir(model):
+    if model is None:
+        return None
+    from mixtral_jax import checkpoint  # a training run (local or gs://): the tokenizer of the model it trains
+
+    if checkpoint.is_run_dir(model):
+        return model_tokenizer_path(checkpoint.base_path(checkpoint.read_manifest(model).base))
+    if not os.path.isdir(model):
         return None
     names = set(os.listdir(model))
     if "tokenizer.model" in names:
         return os.path.join(model, "tokenizer.model")
     if names & {"tokenizer.json", "tokenizer_config.json"}:
         return model
-    from mixtral_jax import checkpoint  # a training run: the tokenizer of the model it trains
-
-    if checkpoint.is_run_dir(model):
-        return model_tokenizer_path(checkpoint.base_path(checkpoint.read_manifest(model).base))
     return None
 
 

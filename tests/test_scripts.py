@@ -26,7 +26,7 @@ SETUP = [
     f"gcloud compute tpus tpu-vm scp /tmp/mixtral-jax-src.tar.gz zh-pt:mixtral-jax-src.tar.gz {WHERE} --worker=all",
     f"{SSH_ALL} 'sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv && "
     "mkdir -p mixtral-jax && tar -xzf mixtral-jax-src.tar.gz -C mixtral-jax && python3.11 -m venv "
-    "mixtral-jax/.venv && mixtral-jax/.venv/bin/pip install -q -e mixtral-jax \"jax[tpu]==0.10.2\"'",
+    "mixtral-jax/.venv && mixtral-jax/.venv/bin/pip install -q -e \"mixtral-jax[gcs]\" \"jax[tpu]==0.10.2\"'",
 ]
 COPY = (f"{SSH_ALL} 'sudo mkdir -p /data/zh-corpus && sudo chown \"$USER\" /data/zh-corpus && "
         "gcloud storage rsync --recursive gs://zh-bucket/corpus /data/zh-corpus'")

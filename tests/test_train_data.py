@@ -17,6 +17,8 @@ from mixtral_jax.corpora import HELDOUT_EVERY, CorpusError, hsk_english, hsk_ins
 from train.data import BatchIterator, DataError, pretrain_blocks, pretrain_dataset, read_texts
 from train.sft import build_sft, pack_examples, pad_examples, read_alpaca, sft_example
 
+from tests.gcs_emulator import fake_gcs
+
 # The settings of Mixtral-8x7B's tokenizer_config.json that matter here (transformers 5 adds no BOS for a bare
 # tokenizer.model). Without a tokenizer_class, transformers converts the SentencePiece model itself, which
 # keeps SentencePiece's dummy prefix as transformers 4.37's LlamaTokenizer (legacy), used by Chinese-Mixtral, did.
@@ -130,6 +132,41 @@ def test_read_texts_errors_name_file_and_line(tmp_path):
         read_texts(str(tmp_path / "missing"))
     with pytest.raises(CorpusError, match="bundled:wiki: no such text corpus .*peoples-daily, peoples-daily-heldout"):
         read_texts("bundled:wiki")
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    with fake_gcs() as bucket:
+        yield bucket
+
+
+def test_read_texts_and_read_alpaca_on_gs_equal_local_and_errors_name_the_url(gcs, tmp_path):
+    import fsspec
+
+    files = {"d/b.txt": b"one\n\ntwo\r\n", "d/a.jsonl": '{"text": "甲"}\n\n{"text": "乙"}\n'.encode(),
+             "d/sub/c.json": json.dumps([{"text": "丙"}]).encode(), "d/notes.md": b"x",
+             "bad.jsonl": b'{"text": "ok"}\n{"text": oops}\n',
+             "alpaca.json": json.dumps([{"instruction": "i", "output": "o"}]).encode()}
+    for name, data in files.items():  # uploaded by fsspec itself, not by the code under test
+        fsspec.filesystem("gcs").pipe(f"{gcs}/{name}", data)
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    for source in ("d/b.txt", "d", "d/*.json*", "d/sub/c.json"):
+        local = list(read_texts(str(tmp_path / source)))
+        assert local and list(read_texts(f"{gcs}/{source}")) == local, source
+    assert read_alpaca(f"{gcs}/alpaca.json") == read_alpaca(str(tmp_path / "alpaca.json"))
+    with pytest.raises(DataError, match=re.escape(f"{gcs}/bad.jsonl:2: not valid JSON")):
+        list(read_texts(f"{gcs}/bad.jsonl"))
+    with pytest.raises(DataError, match=re.escape(f"{gcs}/d/notes.md: unknown data file type")):
+        read_texts(f"{gcs}/d/notes.md")
+    with pytest.raises(DataError, match=re.escape(f"{gcs}/missing: no .txt/.jsonl/.json files there")):
+        read_texts(f"{gcs}/missing")
+    with pytest.raises(DataError, match="wildcards may only be in the last part"):
+        read_texts(f"{gcs}/*/b.txt")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"No such file or directory: '{gcs}/none.json'")):
+        read_alpaca(f"{gcs}/none.json")
+    with pytest.raises(ValueError, match="s3://b/x.txt: unsupported URL"):
+        read_texts("s3://b/x.txt")
 
 
 def test_read_texts_hf_saved_datasets(tmp_path):
@@ -299,7 +336,7 @@ def test_read_alpaca_list_lines_and_errors(tmp_path):
     lines.write_text('{"instruction": "i", "output": "o"}\n{"output": "o"}\n')
     with pytest.raises(DataError, match=r"b\.jsonl:2: missing string field 'instruction'"):
         read_alpaca(str(lines))
-    with pytest.raises(DataError, match="hsk-instructions, hsk-instructions-heldout"):
+    with pytest.raises(CorpusError, match="hsk-instructions, hsk-instructions-heldout"):
         read_alpaca("bundled:alpaca")
 
 
@@ -377,3 +414,30 @@ def test_hsk_instructions():
     def chinese(records):
         return {r["input"] if r["instruction"].startswith("把") else r["output"] for r in records}
     assert not chinese(train) & chinese(heldout)
+
+
+def test_replay_blocks_make_up_their_share_repeated_in_order():
+    from train.data import mix_replay
+
+    blocks, replay = np.arange(80).reshape(20, 4), 1000 + np.arange(12).reshape(3, 4)
+    mixed = mix_replay(blocks, replay, 0.2)  # 20 blocks are 80%: 5 replay blocks, the 3 repeated in order
+    assert mixed.shape == (25, 4) and (mixed[:20] == blocks).all()
+    assert (mixed[20:] == replay[[0, 1, 2, 0, 1]]).all()
+    assert mix_replay(blocks, replay, 0.0) is blocks
+    with pytest.raises(DataError, match="no block"):
+        mix_replay(blocks, replay[:0], 0.5)
+
+
+def test_replay_sources_enter_training_sequences_only(tmp_path, sp):
+    from train.config import load_config
+    from train.loop import build_arrays
+
+    config = load_config("pretrain_tiny", [f"run_dir={tmp_path}", "data.seq_len=32",
+                                           "data.train=[bundled:peoples-daily-heldout]",
+                                           "data.replay=[bundled:hsk-english-heldout]", "data.replay_share=0.25"])
+    plain, _ = build_arrays(config, config.data.train, sp)
+    mixed, _ = build_arrays(config, config.data.train, sp, replay=True)
+    added = len(mixed["input_ids"]) - len(plain["input_ids"])
+    assert added == round(len(plain["input_ids"]) / 3)  # a quarter of the whole
+    english = {i for line in hsk_english("heldout") for i in sp.encode(line, add_bos=False)}
+    assert set(mixed["input_ids"][-added:].ravel().tolist()) <= english | {sp.bos_id, sp.eos_id}

@@ -21,6 +21,8 @@ from train.config import ConfigError, load_config
 from mixtral_jax.corpora import peoples_daily
 from train.metrics import read_metrics
 
+from tests.gcs_emulator import fake_gcs
+
 STEPS = 12
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,3 +178,32 @@ def test_the_trainer_starts_from_an_orbax_nf4_checkpoint(straight, corpus, tmp_p
                  "nf4", "--dtype", "float32", "--quiet"]) == 0
     _run(str(tmp_path / "run"), corpus, f"model.path={orbax_dir}", "steps=2")
     assert _losses(str(tmp_path / "run"))[1] == _losses(straight[0])[1]  # step 1: same base, batch, dropout
+
+
+def test_a_run_on_gs_writes_there_resumes_from_there_and_loads(straight, corpus):
+    """run_dir and data on gs:// (a local GCS emulator): stopped after step 2, resumed to step 4, keeping one
+    checkpoint; its losses and trained weights equal the local uninterrupted run's."""
+    import fsspec
+
+    with fake_gcs() as bucket:
+        fs = fsspec.filesystem("gcs")
+        remote_corpus = tuple(f"{bucket}/data/{os.path.basename(path)}" for path in corpus)
+        for path, url in zip(corpus, remote_corpus):
+            fs.put_file(path, url)
+        run_dir = f"{bucket}/run"
+        _run(run_dir, remote_corpus, "stop_at_step=2", "save_every=1", "keep_checkpoints=1")
+        assert checkpoint.open_manager(run_dir).all_steps() == [2]
+        summary = _run(run_dir, remote_corpus, "stop_at_step=4", "save_every=1", "keep_checkpoints=1")
+        assert summary["start_step"] == 2 and summary["end_step"] == 4
+        assert checkpoint.open_manager(run_dir).all_steps() == [4]  # Orbax deleted step 2 on gs://
+        names = {name.removeprefix(run_dir.removeprefix("gs://") + "/") for name in fs.find(run_dir)}
+        assert {"model.json", "config.yaml", "metrics.jsonl"} <= names
+        assert any(name.startswith("checkpoints/4/params/") for name in names)
+        events = [name for name in names if name.startswith("tensorboard/events.out.tfevents")]
+        assert len(events) == 2 and all(b"lm_loss" in fs.cat(f"{run_dir}/{name}") for name in events)  # a file a run
+        assert fs.cat(f"{run_dir}/model.json").decode() == open(os.path.join(straight[0], "model.json")).read()
+        expected = _losses(straight[0])
+        assert _losses(run_dir) == {step: expected[step] for step in range(1, 5)}  # bit for bit
+        ids = jnp.asarray(np.random.default_rng(0).integers(0, 32000, (2, 16)))
+        np.testing.assert_array_equal(np.asarray(mj.from_pretrained(run_dir)(ids).logits),
+                                      np.asarray(checkpoint.load_run(straight[0], step=4)(ids).logits))

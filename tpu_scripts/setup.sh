@@ -6,7 +6,7 @@
 #   tpu_scripts/setup.sh --local [--dry-run]
 #
 # On each host: Python 3.11 from Ubuntu's packages (the TPU images ship 3.10), a virtual environment in
-# ~/mixtral-jax/.venv, and `pip install -e ~/mixtral-jax "jax[tpu]==0.10.2"`. Uncommitted changes are not
+# ~/mixtral-jax/.venv, and `pip install -e "~/mixtral-jax[gcs]" "jax[tpu]==0.10.2"`. Uncommitted changes are not
 # copied: commit first. --dry-run prints the commands, one per line, and runs nothing.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -33,4 +33,4 @@ run git archive --format=tar.gz "--output=$ARCHIVE" HEAD
 copy_to_hosts "$ARCHIVE" mixtral-jax-src.tar.gz
 on_all_hosts "$(join_quoted sudo apt-get update -q) && $(join_quoted sudo apt-get install -y -q "$PYTHON" \
   "$PYTHON-venv") && mkdir -p $REMOTE_DIR && tar -xzf mixtral-jax-src.tar.gz -C $REMOTE_DIR && \
-$PYTHON -m venv $REMOTE_DIR/.venv && $REMOTE_DIR/.venv/bin/pip install -q -e $REMOTE_DIR \"jax[tpu]==$JAX_VERSION\""
+$PYTHON -m venv $REMOTE_DIR/.venv && $REMOTE_DIR/.venv/bin/pip install -q -e \"${REMOTE_DIR}[gcs]\" \"jax[tpu]==$JAX_VERSION\""

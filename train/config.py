@@ -46,6 +46,10 @@ class DataConfig:
                                               "bundled:NAME (sft: Alpaca JSON/JSONL or bundled:NAME)")
     eval: tuple[str, ...] = setting_list((), "held-out sources, scored at the start, every eval_every steps and "
                                              "at the end")
+    replay: tuple[str, ...] = setting_list((), "pre-training: sources mixed in beside `train` (the language the "
+                                               "model already knows, so that it keeps it)")
+    replay_share: float = setting(0.0, "pre-training: share of the training sequences taken from `replay`, its "
+                                       "blocks repeated as needed", min=0, max=0.9)
     seq_len: int = setting(1024, "tokens per sequence (pre-training block size; SFT maximum length)", min=2)
     group_lines: int = setting(1000, "pre-training: lines concatenated before cutting blocks, as datasets.map "
                                      "batches them in run_clm", min=1)

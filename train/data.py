@@ -15,6 +15,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from mixtral_jax import paths
 from mixtral_jax.distributed import host_rows
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -28,7 +29,8 @@ def read_texts(source: str, text_field: str = "text") -> Iterator[str]:
     """The documents of `source`, one at a time; empty ones are skipped everywhere.
 
     `source` is a `.txt` file (one document a line), a `.jsonl`/`.json` file (JSON lines, or one JSON list,
-    of objects with a string `text_field`), a directory or glob of such files (read in sorted order),
+    of objects with a string `text_field`), a directory or glob of such files (read in sorted order), each
+    of these local or on gs:// (a gs:// glob has wildcards in its last part only),
     `hf:PATH_OR_NAME[:split]` (a dataset saved with `save_to_disk`, or a Hugging Face hub name),
     `tfds:NAME[:split]` (TensorFlow Datasets, under $TFDS_DATA_DIR if set) or `bundled:NAME` (mixtral_jax/corpora.py).
     The split defaults to "train".
@@ -94,23 +96,53 @@ def _tfds_examples(source: str, examples: Iterable[Mapping[str, Any]], text_fiel
 
 
 def _text_files(source: str) -> list[str]:
+    if paths.is_remote(source):
+        return _remote_text_files(source)
     if os.path.isfile(source):
         if not source.endswith(TEXT_SUFFIXES):
             raise DataError(f"{source}: unknown data file type (expected {', '.join(TEXT_SUFFIXES)})")
         return [source]
     if os.path.isdir(source):
-        paths = glob.glob(os.path.join(glob.escape(source), "**", "*"), recursive=True)
+        found = glob.glob(os.path.join(glob.escape(source), "**", "*"), recursive=True)
     else:
-        paths = glob.glob(source, recursive=True)
-    files = sorted(p for p in paths if os.path.isfile(p) and p.endswith(TEXT_SUFFIXES))
+        found = glob.glob(source, recursive=True)
+    files = sorted(p for p in found if os.path.isfile(p) and p.endswith(TEXT_SUFFIXES))
     if not files:
         raise DataError(f"{source}: no {'/'.join(TEXT_SUFFIXES)} files there")
     return files
 
 
+def _remote_text_files(source: str) -> list[str]:
+    """As for a local source, but a glob may have wildcards in its last part only (one listing, not a
+    crawl of the bucket)."""
+    path = paths.as_path(source)
+    if path.is_file():
+        if not source.endswith(TEXT_SUFFIXES):
+            raise DataError(f"{source}: unknown data file type (expected {', '.join(TEXT_SUFFIXES)})")
+        return [source]
+    if path.is_dir():
+        found = _remote_tree(path)
+    elif any(c in str(path.parent) for c in "*?["):
+        raise DataError(f"{source}: in a gs:// path, wildcards may only be in the last part")
+    else:
+        found = [p for p in path.parent.glob(path.name) if not p.is_dir()]
+    files = sorted(str(p) for p in found if str(p).endswith(TEXT_SUFFIXES))
+    if not files:
+        raise DataError(f"{source}: no {'/'.join(TEXT_SUFFIXES)} files there")
+    return files
+
+
+def _remote_tree(directory) -> list:
+    """Every file below `directory` (epath's walk loses the gs:// of the paths it yields)."""
+    found = []
+    for child in directory.iterdir():
+        found.extend(_remote_tree(child) if child.is_dir() else [child])
+    return found
+
+
 def _file_texts(path: str, text_field: str) -> Iterator[str]:
     if path.endswith(".txt"):
-        with open(path, "rb") as f:
+        with paths.open_binary(path) as f:
             for lineno, line in enumerate(f, 1):
                 try:
                     yield line.decode("utf-8").rstrip("\r\n")
@@ -127,7 +159,7 @@ def _file_texts(path: str, text_field: str) -> Iterator[str]:
 def json_records(path: str) -> Iterator[tuple[str, Any]]:
     """(location, value) for each record of a JSON list file or a JSON lines file; the location
     (`file: record i` or `file:line`) is what error messages about that record should start with."""
-    with open(path, "rb") as f:
+    with paths.open_binary(path) as f:
         head = f.read(4096).lstrip()
         f.seek(0)
         if head.startswith(b"["):
@@ -172,6 +204,19 @@ def pretrain_blocks(texts: Iterable[str], tokenizer, block_size: int = 1024, gro
     if not blocks:
         return np.zeros((0, block_size), np.int32)
     return np.concatenate(blocks)
+
+
+def mix_replay(blocks: np.ndarray, replay: np.ndarray, share: float) -> np.ndarray:
+    """`blocks` followed by replay blocks making up `share` of the result, the replay blocks repeated in
+    order as often as needed (an old language mixed into continued pre-training so the model keeps it)."""
+    if not 0 <= share < 1:
+        raise DataError(f"replay share {share}: must be in [0, 1)")
+    count = round(share / (1 - share) * len(blocks))
+    if count == 0:
+        return blocks
+    if len(replay) == 0:
+        raise DataError("the replay sources give no block of seq_len tokens")
+    return np.concatenate([blocks, np.resize(replay, (count, replay.shape[1]))])
 
 
 def pretrain_dataset(blocks: np.ndarray) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from mixtral_jax import checkpoint
+from mixtral_jax import checkpoint, paths
 from mixtral_jax.config import ConfigError
 from mixtral_jax.distributed import global_batch, host_rows, initialize
 from mixtral_jax.flops import chip_peak_flops, flop_counts, measure_matmul_peak
@@ -48,12 +48,17 @@ def run_model_of(config: TrainConfig) -> checkpoint.RunModel:
         implementation=dict(config.model.implementation), lora_seed=config.seed)
 
 
-def build_arrays(config: TrainConfig, sources, tokenizer) -> tuple[dict[str, np.ndarray], int]:
-    """Tokenised sequences of `sources` as equal-length arrays, and how many SFT samples were dropped."""
+def build_arrays(config: TrainConfig, sources, tokenizer, replay: bool = False) -> tuple[dict[str, np.ndarray], int]:
+    """Tokenised sequences of `sources` as equal-length arrays, and how many SFT samples were dropped. With
+    `replay`, pre-training blocks of `data.replay` make up `data.replay_share` of the result."""
     data = config.data
     if data.kind == "pretrain":
-        texts = (text for source in sources for text in data_lib.read_texts(source, data.text_field))
-        blocks = data_lib.pretrain_blocks(texts, tokenizer, data.seq_len, data.group_lines)
+        def blocks_of(source_list):
+            texts = (text for source in source_list for text in data_lib.read_texts(source, data.text_field))
+            return data_lib.pretrain_blocks(texts, tokenizer, data.seq_len, data.group_lines)
+        blocks = blocks_of(sources)
+        if replay and data.replay and data.replay_share:
+            blocks = data_lib.mix_replay(blocks, blocks_of(data.replay), data.replay_share)
         return data_lib.pretrain_dataset(blocks), 0
     records = [record for source in sources for record in sft.read_alpaca(source)]
     examples, dropped = sft.build_sft(records, tokenizer, data.seq_len)
@@ -61,15 +66,10 @@ def build_arrays(config: TrainConfig, sources, tokenizer) -> tuple[dict[str, np.
     return arrange(examples, data.seq_len, tokenizer.eos_id), dropped
 
 
-def _write_yaml(path: str, values: dict) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        yaml.safe_dump(values, f, sort_keys=False, allow_unicode=True)
-    os.replace(path + ".tmp", path)
-
-
 def _prepare_run_dir(config: TrainConfig, run_model: checkpoint.RunModel, writer: bool) -> None:
     """The resolved config and the model manifest; a run directory of a different model is refused."""
-    os.makedirs(config.run_dir, exist_ok=True)
+    if not paths.is_remote(config.run_dir):  # an object store has no directories to make
+        os.makedirs(config.run_dir, exist_ok=True)
     if checkpoint.is_run_dir(config.run_dir):
         existing = checkpoint.read_manifest(config.run_dir)
         if existing != run_model:
@@ -77,7 +77,8 @@ def _prepare_run_dir(config: TrainConfig, run_model: checkpoint.RunModel, writer
                               f"another model ({existing}); use a new run_dir")
     if writer:
         checkpoint.write_manifest(config.run_dir, run_model)
-        _write_yaml(os.path.join(config.run_dir, CONFIG_FILE), config.to_dict())
+        paths.write_text(os.path.join(config.run_dir, CONFIG_FILE),
+                         yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
 
 
 class _StopFlag:
@@ -137,7 +138,7 @@ def train(config: TrainConfig, log=print) -> dict:
     mesh = make_mesh(config.mesh)
     model = checkpoint.build_model(run_model, mesh)
     check_compatible(tokenizer, model.config.vocab_size, f"{config.model.path} field vocab_size")
-    train_arrays, dropped = build_arrays(config, config.data.train, tokenizer)
+    train_arrays, dropped = build_arrays(config, config.data.train, tokenizer, replay=True)
     eval_arrays = None
     if config.data.eval:
         eval_arrays, _ = build_arrays(config, config.data.eval, tokenizer)
@@ -178,6 +179,7 @@ def train(config: TrainConfig, log=print) -> dict:
                         {"step": step, "data": batches.state(), "rng": jax.random.key_data(rng).tolist(),
                          "total_steps": total_steps})
         save_seconds.append(time.perf_counter() - t0)
+        metrics_log.flush()  # every row up to a checkpoint is stored with it (a remote log is uploaded late)
 
     flops_per_token = flop_counts(model_config, seq_len)["train_flops_per_token"]
     peak = _peak_flops(config) * jax.device_count()

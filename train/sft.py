@@ -23,7 +23,8 @@ Example = tuple[list[int], list[int]]  # (input_ids, labels)
 
 
 def read_alpaca(path: str) -> list[dict[str, str]]:
-    """Records of an Alpaca JSON list or JSON lines file (`instruction`, optional `input`, `output`), or
+    """Records of an Alpaca JSON list or JSON lines file, local or gs:// (`instruction`, optional `input`,
+    `output`), or
     of `bundled:NAME` (mixtral_jax/corpora.py); a missing input becomes ""."""
     if path.startswith("bundled:"):
         from mixtral_jax import corpora
