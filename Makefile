@@ -1,10 +1,10 @@
-# Two entry points: `make demo` (install, then generate Chinese text with the bundled tiny model) and
-# `make test` (install with the test extra, then run the whole suite). Each creates .venv itself.
+# Entry points: `make pipeline` (the whole adaptation on the embedded default), `make demo` (generate text with
+# the bundled tiny model) and `make test` (the whole suite). Each creates .venv itself.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test bench clean
+.PHONY: demo pipeline test bench clean
 
 $(VENV)/.base: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,6 +19,10 @@ $(VENV)/.test: $(VENV)/.base
 
 demo: $(VENV)/.base
 	$(VENV)/bin/mixtral-jax generate --prompt "中国的首都是" --prompt "[INST] 请介绍一下北京。 [/INST]" --max-new-tokens 32
+
+# The whole adaptation on the embedded default (the test extra brings torch for the transformers check).
+pipeline: $(VENV)/.test
+	$(VENV)/bin/mixtral-jax pipeline
 
 test: $(VENV)/.test
 	$(VENV)/bin/pytest -q

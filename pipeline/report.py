@@ -15,29 +15,26 @@ def _read(path: str) -> dict | None:
         return json.load(f)
 
 
-def _ppl_rows(base: dict | None, adapted: dict | None, label: str) -> list[tuple[str, float | None, float | None]]:
-    lengths = (base or adapted or {}).get("lengths", [])
-
-    def at(result, i):
-        return result["ppl"][i] if result and i < len(result["ppl"]) else None
-    return [(f"{label} perplexity @ {length} tokens", at(base, i), at(adapted, i)) for i, length in enumerate(lengths)]
+MODELS = ("base", "pretrained", "adapted")  # before, after pre-training, after SFT (the release's weights)
 
 
 def build_report(paths: Paths, stage_log: list[dict]) -> dict:
-    before, after = paths.evaluation("base"), paths.evaluation("adapted")
+    results = {model: {name: _read(os.path.join(paths.evaluation(model), f"{name}.json"))
+                       for name in ("ppl-zh", "ppl-en", "mcq")} for model in MODELS}
     rows = []
     for lang, label in (("zh", "Chinese (held-out People's Daily)"), ("en", "English (held-out HSK translations)")):
-        rows += _ppl_rows(_read(os.path.join(before, f"ppl-{lang}.json")),
-                          _read(os.path.join(after, f"ppl-{lang}.json")), label)
-    mcq_before, mcq_after = _read(os.path.join(before, "mcq.json")), _read(os.path.join(after, "mcq.json"))
-    if mcq_before or mcq_after:
-        rows.append(("translation MCQ accuracy (%)", (mcq_before or {}).get("overall"),
-                     (mcq_after or {}).get("overall")))
-    return {"rows": [{"metric": m, "base": b, "adapted": a} for m, b, a in rows],
-            "check": _read(paths.check), "stages": stage_log,
+        curves = {model: results[model][f"ppl-{lang}"] for model in MODELS}
+        lengths = next((c["lengths"] for c in curves.values() if c), [])
+        for i, length in enumerate(lengths):
+            rows.append({"metric": f"{label} perplexity @ {length} tokens",
+                         **{m: c["ppl"][i] if c and i < len(c["ppl"]) else None for m, c in curves.items()}})
+    if any(results[model]["mcq"] for model in MODELS):
+        rows.append({"metric": "translation MCQ accuracy (%)",
+                     **{m: (results[m]["mcq"] or {}).get("overall") for m in MODELS}})
+    return {"rows": rows, "check": _read(paths.check), "stages": stage_log,
             "files": {"base (HF)": paths.base_hf, "base (Orbax NF4)": paths.base_nf4,
                       "pre-training run": paths.pretrain, "SFT run": paths.sft, "release (HF)": paths.release,
-                      "evaluations": os.path.dirname(before)}}
+                      "evaluations": os.path.dirname(paths.evaluation("base"))}}
 
 
 def _fmt(value) -> str:
@@ -45,8 +42,8 @@ def _fmt(value) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| metric | base | adapted |", "|---|---:|---:|"]
-    lines += [f"| {r['metric']} | {_fmt(r['base'])} | {_fmt(r['adapted'])} |" for r in report["rows"]]
+    lines = ["| metric | base | after pre-training | after SFT |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['metric']} | " + " | ".join(_fmt(r[m]) for m in MODELS) + " |" for r in report["rows"]]
     check = report["check"] or {}
     if "max_abs_logit_difference" in check:
         verdict = "passed" if check["passed"] else "FAILED"

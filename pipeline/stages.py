@@ -102,6 +102,8 @@ def build_stages(config: PipelineConfig, paths: Paths) -> list[Stage]:
               commands(*evaluation_commands(config, paths, paths.base_hf, paths.evaluation("base")))),
         Stage("pretrain", "QLoRA continued pre-training on Chinese",
               commands(train_command(config.pretrain, paths.base_nf4, paths.pretrain))),
+        Stage("eval-pretrained", "the model after pre-training on Chinese",
+              commands(*evaluation_commands(config, paths, paths.pretrain, paths.evaluation("pretrained")))),
         Stage("sft", "instruction tuning (adapters of pre-training merged, new ones trained)",
               commands(train_command(config.sft, paths.pretrain, paths.sft))),
         Stage("eval-adapted", "the adapted model",

@@ -97,14 +97,14 @@ def test_pipeline_killed_in_the_middle_then_finishes_without_redoing_stages(tmp_
         assert f"{stage}: " in finished.stderr and "(done before, skipped)" in finished.stderr
     assert "$ mixtral-jax train english_tiny" not in finished.stderr
     report = json.loads((work / "report.json").read_text())
-    assert [s["stage"] for s in report["stages"] if not s["skipped"]] == ["pretrain", "sft", "eval-adapted",
-                                                                       "release", "check"]
+    assert [s["stage"] for s in report["stages"] if not s["skipped"]] == ["pretrain", "eval-pretrained", "sft",
+                                                                       "eval-adapted", "release", "check"]
     metrics = {row["metric"]: row for row in report["rows"]}
     zh = metrics["Chinese (held-out People's Daily) perplexity @ 128 tokens"]
     en = metrics["English (held-out HSK translations) perplexity @ 128 tokens"]
-    assert zh["adapted"] < zh["base"]  # a few steps of Chinese already help
-    assert 1 < en["base"] < 32000 and 1 < en["adapted"]
+    assert zh["pretrained"] < zh["base"] and zh["adapted"] < zh["base"]  # a few steps of Chinese already help
+    assert 1 < en["base"] < 32000 and 1 < en["pretrained"] and 1 < en["adapted"]
     assert 0 <= metrics["translation MCQ accuracy (%)"]["adapted"] <= 100
     assert report["check"]["passed"] and report["check"]["max_abs_logit_difference"] <= 1e-4
     assert (work / "release" / "config.json").exists() and (work / "report.md").exists()
-    assert "| metric | base | adapted |" in finished.stdout
+    assert "| metric | base | after pre-training | after SFT |" in finished.stdout
