@@ -271,7 +271,12 @@ def parse_overrides(assignments: list[str]) -> dict[str, Any]:
         key, sep, text = assignment.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{assignment}' is not of the form key=value")
-        value = yaml.safe_load(text)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            problem = " ".join(str(getattr(err, "problem", "") or err).split())
+            raise ConfigError(f"override '{assignment}': the value is not valid YAML ({problem}); quote an item "
+                              f"that holds brackets or commas, e.g. key=[a, \"b=[c]\"]") from None
         if isinstance(value, str):  # YAML 1.1 reads "1e6" (no dot) as a string
             try:
                 value = float(value)

@@ -177,6 +177,8 @@ def test_with_overrides_errors():
         base.with_overrides(["no_such_field=1"])
     with pytest.raises(ConfigError, match="key=value"):
         base.with_overrides(["moe_backend"])
+    with pytest.raises(ConfigError, match=r"override 'x=\[a, b=\[c\], d\]': the value is not valid YAML"):
+        base.with_overrides(["x=[a, b=[c], d]"])
 
 
 # ------------------------------------------------------------------------------------------------ errors
