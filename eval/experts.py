@@ -75,7 +75,7 @@ def _window(graphdef, state, ids, router_bias, position_chunk):
     model = nnx.merge(graphdef, state)
     out = model(ids, return_hidden=True, router_bias=router_bias)
     counts = expert_assignments(out.router_logits, model.config.num_experts_per_tok).astype(jnp.int32)
-    nll = next_token_nll_blockwise(out.hidden_states[0, :-1], model.output_head(), ids[0, 1:], position_chunk)
+    nll, _ = next_token_nll_blockwise(out.hidden_states[0, :-1], model.output_head(), ids[0, 1:], position_chunk)
     return jnp.sum(nll), counts
 
 

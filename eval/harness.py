@@ -29,6 +29,7 @@ from lm_eval import utils
 from lm_eval.api.model import TemplateLM
 
 from eval.mcq import bucket_batches, left_padded
+from eval.ppl import next_token_nll_blockwise
 from mixtral_jax.generation import SamplingConfig, generate
 
 
@@ -38,24 +39,11 @@ def _continuation_scores(graphdef, state, ids, mask, targets, valid, scored: int
     predict. Returns (sum of log p over valid targets [B] fp32, all valid targets greedy [B])."""
     model = nnx.merge(graphdef, state)
     hidden = model(ids, mask, return_hidden=True).hidden_states[:, -scored:]
-    head = model.output_head()
-    chunk = min(position_chunk, scored)
-    blocks = -(-scored // chunk)
-    pad = blocks * chunk - scored
     batch = hidden.shape[0]
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(batch, blocks, chunk, -1).swapaxes(0, 1)
-    padded_targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(batch, blocks, chunk).swapaxes(0, 1)
-
-    def block(inputs):
-        h, t = inputs
-        logits = jnp.einsum("bcd,dv->bcv", h, head).astype(jnp.float32)
-        picked = jnp.take_along_axis(logits, t[..., None], -1)[..., 0]
-        return picked - jax.nn.logsumexp(logits, -1), jnp.argmax(logits, -1) == t
-
-    logp, greedy = jax.lax.map(block, (hidden, padded_targets))
-    logp = logp.swapaxes(0, 1).reshape(batch, -1)[:, :scored]
-    greedy = greedy.swapaxes(0, 1).reshape(batch, -1)[:, :scored]
-    return jnp.sum(jnp.where(valid, logp, 0.0), -1), jnp.all(greedy | ~valid, -1)
+    nll, greedy = next_token_nll_blockwise(hidden.reshape(batch * scored, -1), model.output_head(),
+                                           targets.reshape(-1), batch * min(position_chunk, scored))
+    nll, greedy = nll.reshape(batch, scored), greedy.reshape(batch, scored)
+    return jnp.sum(jnp.where(valid, -nll, 0.0), -1), jnp.all(greedy | ~valid, -1)
 
 
 def score_continuations(model, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], batch: int = 8,

@@ -85,8 +85,9 @@ def windows(n_tokens: int, length: int, stride: int | None = None) -> list[tuple
 
 # ---------------------------------------------------------------------------------------------- scoring
 def next_token_nll_blockwise(hidden, head, targets, position_chunk: int):
-    """[n] fp32 -log p(targets) from final hidden states [n, D] and the head [D, V], `position_chunk` rows of
-    logits at a time, so the [n, V] logits never exist whole."""
+    """([n] fp32 -log p(targets), [n] whether each target is the argmax) from final hidden states [n, D] and
+    the head [D, V], `position_chunk` rows of logits at a time, so the [n, V] logits never exist whole. Under
+    jit an unused second output costs nothing."""
     n = targets.shape[0]
     blocks = -(-n // position_chunk)
     pad = blocks * position_chunk - n
@@ -96,9 +97,11 @@ def next_token_nll_blockwise(hidden, head, targets, position_chunk: int):
     def block_nll(inputs):
         h, t = inputs
         logits = jnp.einsum("td,dv->tv", h, head).astype(jnp.float32)
-        return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, t[:, None], -1)[:, 0]
+        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, t[:, None], -1)[:, 0]
+        return nll, jnp.argmax(logits, -1) == t
 
-    return jax.lax.map(block_nll, (hidden, padded_targets)).reshape(-1)[:n]
+    nll, greedy = jax.lax.map(block_nll, (hidden, padded_targets))
+    return nll.reshape(-1)[:n], greedy.reshape(-1)[:n]
 
 
 @partial(jax.jit, static_argnames=("graphdef", "position_chunk"))
@@ -108,7 +111,7 @@ def _window_nll(graphdef, state, ids, first_scored, position_chunk):
     targets = ids[0, 1:]
     n = targets.shape[0]
     hidden = model(ids, return_hidden=True).hidden_states[0, :-1]
-    nll = next_token_nll_blockwise(hidden, model.output_head(), targets, position_chunk)
+    nll, _ = next_token_nll_blockwise(hidden, model.output_head(), targets, position_chunk)
     scored = jnp.arange(1, n + 1) >= first_scored
     return jnp.sum(jnp.where(scored, nll, 0.0))
 

@@ -62,9 +62,14 @@ def _hsk_pairs() -> tuple[tuple[str, str], ...]:
     return tuple(pairs.items())
 
 
+def hsk_pairs(split: str = "train") -> list[tuple[str, str]]:
+    """(Chinese, English) sentence pairs; the records of `hsk_instructions(split)` are made from these."""
+    return _split(_hsk_pairs(), split)
+
+
 def hsk_english(split: str = "train") -> list[str]:
     """The English sentences, one per document."""
-    return [en for _, en in _split(_hsk_pairs(), split)]
+    return [en for _, en in hsk_pairs(split)]
 
 
 @lru_cache(maxsize=1)

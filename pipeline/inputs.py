@@ -8,20 +8,11 @@ import csv
 import os
 import random
 
-from mixtral_jax.corpora import hsk_english, hsk_instructions, peoples_daily
+from mixtral_jax.corpora import hsk_english, hsk_pairs, peoples_daily
 from mixtral_jax.output_dir import output_directory
 
 MCQ_SUBJECT = "hsk_translation"
 LETTERS = "ABCD"
-
-
-def translation_pairs(split: str) -> list[tuple[str, str]]:
-    """(Chinese, English) of every bundled translation instruction of the split, either direction."""
-    pairs = []
-    for record in hsk_instructions(split):
-        zh_to_en = record["instruction"].startswith("把")
-        pairs.append((record["input"], record["output"]) if zh_to_en else (record["output"], record["input"]))
-    return pairs
 
 
 def mcq_rows(pairs: list[tuple[str, str]], count: int, seed: int, with_explanation: bool) -> list[list[str]]:
@@ -56,8 +47,8 @@ def write_inputs(directory: str, mcq_questions: int, shots: int) -> dict[str, st
         if mcq_questions:
             for split in ("dev", "val"):
                 os.makedirs(os.path.join(tmp, "mcq", split))
-            dev = mcq_rows(translation_pairs("train"), max(shots, 1), seed=1, with_explanation=True)
-            val = mcq_rows(translation_pairs("heldout"), mcq_questions, seed=0, with_explanation=False)
+            dev = mcq_rows(hsk_pairs("train"), max(shots, 1), seed=1, with_explanation=True)
+            val = mcq_rows(hsk_pairs("heldout"), mcq_questions, seed=0, with_explanation=False)
             _write_csv(os.path.join(tmp, "mcq", "dev", f"{MCQ_SUBJECT}_dev.csv"), header + ["explanation"], dev)
             _write_csv(os.path.join(tmp, "mcq", "val", f"{MCQ_SUBJECT}_val.csv"), header, val)
     return {"zh": os.path.join(directory, "zh-heldout.txt"), "en": os.path.join(directory, "en-heldout.txt"),

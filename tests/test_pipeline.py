@@ -14,9 +14,9 @@ import time
 import pytest
 
 from mixtral_jax.config import ConfigError
-from mixtral_jax.corpora import hsk_instructions
+from mixtral_jax.corpora import hsk_instructions, hsk_pairs
 from pipeline.config import load_config
-from pipeline.inputs import MCQ_SUBJECT, translation_pairs, write_inputs
+from pipeline.inputs import MCQ_SUBJECT, write_inputs
 from pipeline.stages import Paths, Stage, run_stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +28,7 @@ QUICK = ["english.steps=12", "english.overrides=[progress=false, eval_every=0, s
 
 def test_inputs_mcq_asks_for_the_translation_of_held_out_sentences(tmp_path):
     files = write_inputs(str(tmp_path / "inputs"), mcq_questions=12, shots=3)
-    english = dict(translation_pairs("heldout"))
+    english = dict(hsk_pairs("heldout"))
     with open(os.path.join(files["mcq"], "val", f"{MCQ_SUBJECT}_val.csv"), encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 12 and {r["answer"] for r in rows} <= set("ABCD")
@@ -38,10 +38,10 @@ def test_inputs_mcq_asks_for_the_translation_of_held_out_sentences(tmp_path):
         assert len({row[letter] for letter in "ABCD"}) == 4
     with open(os.path.join(files["mcq"], "dev", f"{MCQ_SUBJECT}_dev.csv"), encoding="utf-8") as f:
         dev = list(csv.DictReader(f))
-    train_chinese = {zh for zh, _ in translation_pairs("train")}
+    train_chinese = {zh for zh, _ in hsk_pairs("train")}
     assert len(dev) == 3 and all(r["question"][1:-7] in train_chinese for r in dev)
     assert not train_chinese & set(english)
-    assert len(translation_pairs("heldout")) == len(hsk_instructions("heldout"))
+    assert len(hsk_pairs("heldout")) == len(hsk_instructions("heldout"))
     with open(files["en"], encoding="utf-8") as f:
         assert f.read().count("\n") > 200
 
