@@ -5,8 +5,10 @@
 Writes a synthetic HF checkpoint (legacy per-expert layout, bf16, two shards) with Mixtral-8x7B's widths
 (hidden 4096, intermediate 14336, 8 experts, 32 heads, 8 kv heads, vocab 32000) and `--layers` layers
 (2: ~6.2 GB), then times, each in its own process under `/usr/bin/time -v`: `cp -r` of that directory,
-`mixtral-jax convert hf-to-orbax`, `mixtral-jax convert orbax-to-hf` and `mixtral-jax convert verify` of the
-round trip. Reports seconds, GB/s of checkpoint bytes, the ratio to `cp`'s rate and each process's peak RSS.
+`cp -r` followed by `sync` (the durable copy: Orbax's TensorStore writer fsyncs every file it writes, `cp` leaves
+dirty pages behind), `mixtral-jax convert hf-to-orbax`, `mixtral-jax convert orbax-to-hf` and `mixtral-jax
+convert verify` of the round trip, each from the same state (`settle`). Reports seconds, GB/s of checkpoint
+bytes, the ratio to `cp`'s rate and each process's peak RSS.
 Every layer of the real model has the same tensors, so the peak memory measured here is the real model's;
 time scales with the bytes (the README extrapolates to 93 GB).
 """
@@ -62,6 +64,27 @@ def write_synthetic(directory: str, layers: int, seed: int = 0) -> int:
     return total
 
 
+def settle(*inputs: str) -> bool:
+    """The same start for every step: dirty pages written out, the page cache emptied (where this user may:
+    root), then the step's inputs read once, so that they are cached and the rest of memory is free. Without
+    this, a step's writes pay for evicting the earlier steps' files, and the order of the steps decides the
+    figures. Returns whether the cache could be dropped."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        dropped = True
+    except OSError:
+        dropped = False
+    for directory in inputs:
+        for root, _, files in os.walk(directory):
+            for name in files:
+                with open(os.path.join(root, name), "rb", buffering=0) as f:
+                    while f.read(64 << 20):
+                        pass
+    return dropped
+
+
 def timed(argv: list[str]) -> dict:
     """Wall seconds and peak RSS of one process, from GNU time's verbose report."""
     result = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True)
@@ -86,28 +109,36 @@ def main(argv=None) -> int:
     print(f"writing a synthetic {args.layers}-layer checkpoint at Mixtral-8x7B widths ...", file=sys.stderr)
     nbytes = write_synthetic(hf, args.layers)
     cli = [sys.executable, "-m", "mixtral_jax.cli", "convert"]
-    runs = {
-        "cp": timed(["cp", "-r", hf, copy]),
-        "hf-to-orbax": timed([*cli, "hf-to-orbax", hf, orbax, "--quiet"]),
-        "orbax-to-hf": timed([*cli, "orbax-to-hf", orbax, back, "--quiet"]),
-        "verify": timed([*cli, "verify", hf, back]),
-    }
+    dropped = settle(hf)
+    runs = {"cp": timed(["cp", "-r", hf, copy])}
+    settle(hf)
+    runs["cp + sync"] = timed(["sh", "-c", f'rm -rf "{copy}" && cp -r "{hf}" "{copy}" && sync'])
+    shutil.rmtree(copy)
+    settle(hf)
+    runs["hf-to-orbax"] = timed([*cli, "hf-to-orbax", hf, orbax, "--quiet"])
+    settle(orbax)
+    runs["orbax-to-hf"] = timed([*cli, "orbax-to-hf", orbax, back, "--quiet"])
+    settle(hf, back)
+    runs["verify"] = timed([*cli, "verify", hf, back])
     if runs["verify"]["returncode"] != 0:
         raise RuntimeError(f"the round trip differs:\n{runs['verify']['stdout_tail']}")
     gb = nbytes / 1e9
     cp_rate = gb / runs["cp"]["seconds"]
+    durable_rate = gb / runs["cp + sync"]["seconds"]
     rows = []
     for name, run in runs.items():
         rate = gb / run["seconds"]
         rows.append({"step": name, "seconds": run["seconds"], "gb_per_s": rate, "vs_cp": rate / cp_rate,
-                     "peak_rss_mb": run["peak_rss_mb"]})
-    print(f"checkpoint: {args.layers} layers at Mixtral-8x7B widths, bf16, {gb:.2f} GB")
-    print("| step | seconds | GB/s | rate / cp | peak RSS MB |\n|---|---:|---:|---:|---:|")
+                     "vs_cp_sync": rate / durable_rate, "peak_rss_mb": run["peak_rss_mb"]})
+    settled = "dropped before each step, inputs read in" if dropped else "not dropped (needs root)"
+    print(f"checkpoint: {args.layers} layers at Mixtral-8x7B widths, bf16, {gb:.2f} GB; page cache {settled}")
+    print("| step | seconds | GB/s | rate / cp | rate / (cp + sync) | peak RSS MB |\n|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['step']} | {r['seconds']:.1f} | {r['gb_per_s']:.3f} | {r['vs_cp']:.2f} | {r['peak_rss_mb']:,.0f} |")
+        print(f"| {r['step']} | {r['seconds']:.1f} | {r['gb_per_s']:.3f} | {r['vs_cp']:.2f} | {r['vs_cp_sync']:.2f} | "
+              f"{r['peak_rss_mb']:,.0f} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"layers": args.layers, "bytes": nbytes, "rows": rows}, f, indent=2)
+            json.dump({"layers": args.layers, "bytes": nbytes, "cache_dropped": dropped, "rows": rows}, f, indent=2)
             f.write("\n")
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)

@@ -20,6 +20,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from mixtral_jax.config import ConfigError, MixtralConfig
+from mixtral_jax.host_arrays import BufferRing, transpose_into
 from mixtral_jax.lora import LoRAParam, LoraConfig, init_adapters
 from mixtral_jax.model import Mixtral
 from mixtral_jax.output_dir import output_directory
@@ -108,38 +109,6 @@ def ours_to_hf(mapping: TensorMapping, array: np.ndarray) -> np.ndarray:
     if mapping.kind == "linear":
         return array.reshape(mapping.hf_shape[1], mapping.hf_shape[0]).T
     raise ValueError(f"we write only the legacy layout, not {mapping.kind}")
-
-
-_POOL: list = []
-
-
-def transpose_into(src: np.ndarray, out: np.ndarray, threads: int = 2) -> np.ndarray:
-    """`out[...] = src.T` for a 2-D `src` (cast to out's dtype), in row blocks that stay in cache, split over
-    `threads` threads (numpy releases the GIL while copying): several times faster than numpy's own
-    transposed copy of a large matrix, which misses the cache on every element."""
-    rows = src.shape[0]
-    if out.shape != (src.shape[1], rows):
-        raise ValueError(f"transpose_into: out has shape {out.shape}, expected {(src.shape[1], rows)}")
-    block = 256
-
-    def part(lo: int, hi: int) -> None:
-        for i in range(lo, hi, block):
-            j = min(i + block, hi)
-            out[:, i:j] = src[i:j].T
-
-    if threads <= 1 or src.size * src.itemsize < (8 << 20):
-        part(0, rows)
-        return out
-    if not _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL.append(ThreadPoolExecutor(max(threads - 1, 1), thread_name_prefix="transpose"))
-    edges = [rows * k // threads // block * block for k in range(threads)] + [rows]
-    futures = [_POOL[0].submit(part, edges[k], edges[k + 1]) for k in range(1, threads)]
-    part(edges[0], edges[1])
-    for future in futures:
-        future.result()
-    return out
 
 
 def ours_to_hf_into(mapping: TensorMapping, array: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -387,6 +356,7 @@ def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np
     names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                      for i in range(len(shards))]
     cached: list = [None, None]  # (param, layer) and its layer-tensor: the one held on the host
+    ring = BufferRing(depth=2)  # each HF tensor's buffer: one being written, one being filled
 
     def hf_tensor(m: TensorMapping) -> np.ndarray:
         layer = m.index[0] if m.param.startswith("layers.") else None
@@ -404,7 +374,7 @@ def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np
         if int(np.prod(ours.shape, dtype=np.int64)) != int(np.prod(expected, dtype=np.int64)):
             raise CheckpointError(f"{m.hf_key}: source gives shape {list(ours.shape)}, config implies "
                                   f"{list(m.hf_shape)}")
-        return ours_to_hf_into(m, ours, np.empty(m.hf_shape, out_dtype))
+        return ours_to_hf_into(m, ours, ring.take(m.hf_shape, out_dtype))
 
     with output_directory(path) as tmp, tqdm(total=sum(nbytes.values()), unit="B", unit_scale=True,
                                              desc=f"writing {os.path.basename(path)}",
@@ -460,4 +430,4 @@ def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np
 
 
 __all__ = ["from_pretrained", "save_pretrained", "write_pretrained", "CheckpointError", "ConfigError", "legacy_mappings",
-           "fused_mappings", "ours_to_hf_into", "transpose_into"]
+           "fused_mappings", "ours_to_hf_into"]

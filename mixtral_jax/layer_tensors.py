@@ -21,7 +21,8 @@ from flax import nnx
 
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.hf_checkpoint import (CheckpointFiles, TensorMapping, _named_params, detect_mappings,
-                                       legacy_mappings, transpose_into)
+                                       legacy_mappings)
+from mixtral_jax.host_arrays import transpose_into
 from mixtral_jax.model import Mixtral
 from mixtral_jax.safetensors_io import CheckpointError
 

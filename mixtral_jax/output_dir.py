@@ -1,5 +1,6 @@
 """Outputs appear whole or not at all: a directory or a file is written as a temporary sibling, which
-replaces the destination only once complete; on failure it is removed and the destination is untouched."""
+replaces the destination only once complete (a directory's files synced to disk first); on failure it is
+removed and the destination is untouched."""
 
 from __future__ import annotations
 
@@ -23,10 +24,29 @@ def output_directory(path: str) -> Iterator[str]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private mode is for the build, not the result
+        _sync_tree(tmp)
         _replace_directory(tmp, path)
+        _sync(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _sync_tree(root: str) -> None:
+    """Every file and folder under `root` on disk before the rename publishes it: otherwise a crash soon after
+    could leave a complete-looking output with empty files (Orbax's writer syncs its own files likewise)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _sync(os.path.join(folder, name))
+        _sync(folder)
+
+
+def _sync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _replace_directory(new: str, path: str) -> None:
