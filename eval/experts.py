@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eval.ppl import next_token_nll_blockwise, read_text
+from eval.ppl import read_text
 from eval.report import publish, replace_atomically
+from mixtral_jax.loss import blockwise_token_nll
 from mixtral_jax.moe import expert_assignments
 
 OFF = -math.inf  # the router bias of a switched-off expert
@@ -75,7 +76,7 @@ def _window(graphdef, state, ids, router_bias, position_chunk):
     model = nnx.merge(graphdef, state)
     out = model(ids, return_hidden=True, router_bias=router_bias)
     counts = expert_assignments(out.router_logits, model.config.num_experts_per_tok).astype(jnp.int32)
-    nll, _ = next_token_nll_blockwise(out.hidden_states[0, :-1], model.output_head(), ids[0, 1:], position_chunk)
+    nll, _ = blockwise_token_nll(out.hidden_states[0, :-1], model.output_head(), ids[0, 1:], position_chunk)
     return jnp.sum(nll), counts
 
 

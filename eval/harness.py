@@ -29,7 +29,7 @@ from lm_eval import utils
 from lm_eval.api.model import TemplateLM
 
 from eval.mcq import bucket_batches, left_padded
-from eval.ppl import next_token_nll_blockwise
+from mixtral_jax.loss import blockwise_token_nll
 from mixtral_jax.generation import SamplingConfig, generate
 
 
@@ -40,7 +40,7 @@ def _continuation_scores(graphdef, state, ids, mask, targets, valid, scored: int
     model = nnx.merge(graphdef, state)
     hidden = model(ids, mask, return_hidden=True).hidden_states[:, -scored:]
     batch = hidden.shape[0]
-    nll, greedy = next_token_nll_blockwise(hidden.reshape(batch * scored, -1), model.output_head(),
+    nll, greedy = blockwise_token_nll(hidden.reshape(batch * scored, -1), model.output_head(),
                                            targets.reshape(-1), batch * min(position_chunk, scored))
     nll, greedy = nll.reshape(batch, scored), greedy.reshape(batch, scored)
     return jnp.sum(jnp.where(valid, -nll, 0.0), -1), jnp.all(greedy | ~valid, -1)

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from eval.report import publish, replace_atomically
+from mixtral_jax.loss import blockwise_token_nll
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
@@ -84,26 +85,6 @@ def windows(n_tokens: int, length: int, stride: int | None = None) -> list[tuple
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-def next_token_nll_blockwise(hidden, head, targets, position_chunk: int):
-    """([n] fp32 -log p(targets), [n] whether each target is the argmax) from final hidden states [n, D] and
-    the head [D, V], `position_chunk` rows of logits at a time, so the [n, V] logits never exist whole. Under
-    jit an unused second output costs nothing."""
-    n = targets.shape[0]
-    blocks = -(-n // position_chunk)
-    pad = blocks * position_chunk - n
-    hidden = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(blocks, position_chunk, -1)
-    padded_targets = jnp.pad(targets, (0, pad)).reshape(blocks, position_chunk)
-
-    def block_nll(inputs):
-        h, t = inputs
-        logits = jnp.einsum("td,dv->tv", h, head).astype(jnp.float32)
-        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, t[:, None], -1)[:, 0]
-        return nll, jnp.argmax(logits, -1) == t
-
-    nll, greedy = jax.lax.map(block_nll, (hidden, padded_targets))
-    return nll.reshape(-1)[:n], greedy.reshape(-1)[:n]
-
-
 @partial(jax.jit, static_argnames=("graphdef", "position_chunk"))
 def _window_nll(graphdef, state, ids, first_scored, position_chunk):
     """ids [1, L]: sum over scored targets (index >= first_scored) of -log p(token | earlier tokens), fp32."""
@@ -111,7 +92,7 @@ def _window_nll(graphdef, state, ids, first_scored, position_chunk):
     targets = ids[0, 1:]
     n = targets.shape[0]
     hidden = model(ids, return_hidden=True).hidden_states[0, :-1]
-    nll, _ = next_token_nll_blockwise(hidden, model.output_head(), targets, position_chunk)
+    nll, _ = blockwise_token_nll(hidden, model.output_head(), targets, position_chunk)
     scored = jnp.arange(1, n + 1) >= first_scored
     return jnp.sum(jnp.where(scored, nll, 0.0))
 

@@ -34,10 +34,17 @@ def output_directory(path: str) -> Iterator[str]:
 
 def _sync_tree(root: str) -> None:
     """Every file and folder under `root` on disk before the rename publishes it: otherwise a crash soon after
-    could leave a complete-looking output with empty files (Orbax's writer syncs its own files likewise)."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            _sync(os.path.join(folder, name))
+    could leave a complete-looking output with empty files. The files are synced from several threads at once,
+    so that the disk gets all their writes queued together rather than one file's at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files, folders = [], []
+    for folder, _, names in os.walk(root):
+        files += [os.path.join(folder, name) for name in names]
+        folders.append(folder)
+    with ThreadPoolExecutor(8, thread_name_prefix="fsync") as pool:
+        list(pool.map(_sync, files))
+    for folder in reversed(folders):
         _sync(folder)
 
 

@@ -11,6 +11,7 @@ from flax import nnx
 import mixtral_jax as mj
 from mixtral_jax import sharding
 from mixtral_jax.lora import LoRAParam, LoraConfig
+from mixtral_jax.loss import next_token_nll
 from train.optim import OptimizerConfig, make_optimizer, schedule
 from train.step import make_train_step
 
@@ -48,6 +49,31 @@ def test_four_micro_batches_equal_one_batch_of_four_times_the_rows():
     assert int(m1["tokens"]) == int(m4["tokens"]) == int(np.sum(batch["labels"][:, 1:] != -100))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradients_equal_autodiff_of_the_whole_logits(lora):
+    """The step's loss is computed a chunk of logits at a time (loss.fused_next_token_nll); its gradients are
+    those of the plain loss over the model's whole logits, for a trained head and a frozen one (LoRA)."""
+    batch = _batch()
+    model = mj.Mixtral(CONFIG, rngs=nnx.Rngs(0), lora=LoraConfig(rank=4, alpha=8.0) if lora else None)
+    trainable = LoRAParam if lora else nnx.Param
+    step = make_train_step(model, optax.sgd(0.1), _mesh(), (8, 12), trainable=trainable)
+    params, frozen = step.split(model)
+    if lora:  # B = 0 would leave A without a gradient
+        params = jax.tree.map(lambda a: a + 0.05, params)
+    grads, metrics = step.grads(params, batch, frozen, None)
+    graphdef = nnx.split(model, trainable, ...)[0]
+
+    def plain_loss(params):
+        out = nnx.merge(graphdef, params, frozen)(batch["input_ids"], batch["attention_mask"])
+        nll, tokens = next_token_nll(out.logits, batch["labels"])
+        return nll / tokens + CONFIG.router_aux_loss_coef * out.aux_loss
+
+    loss, expected = jax.value_and_grad(plain_loss)(params)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+    for ours, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-7)
 
 
 def test_lora_step_trains_only_adapters_and_modules_to_save():

@@ -1,5 +1,8 @@
 """The jitted train step, with explicit shardings for parameters, optimizer state and batch (pjit's form).
 
+The loss is computed from the final hidden states by `fused_next_token_nll`, a chunk of logits at a time:
+the [batch, length, vocab] logits are never materialised.
+
 Only the `trainable` parameters (all of them, or LoRA adapters plus modules_to_save) get gradients and
 optimizer state; the frozen rest is an input like the batch. A global batch of `micro_batches * m` rows runs
 as `micro_batches` sequential micro-batches whose gradients are summed, so any global batch fits any mesh.
@@ -15,7 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mixtral_jax.loss import next_token_nll
+from mixtral_jax.loss import fused_next_token_nll
 from mixtral_jax.moe import expert_assignments
 from mixtral_jax.sharding import named_sharding, param_shardings, use_mesh
 
@@ -55,11 +58,15 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
     coef = model.config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
     micro_rows = batch_shape[0] // micro_batches
 
+    # The LM head's own gradient product runs only when the head (or the embedding it is tied to) trains.
+    head_trainable = ("embed_tokens" if model.config.tie_word_embeddings else "lm_head") in params
+
     def micro_loss(params, frozen, micro, total_tokens, dropout_key):
         with use_mesh(mesh, rules):
-            out = nnx.merge(graphdef, params, frozen)(micro["input_ids"], micro["attention_mask"],
-                                                      dropout_key=dropout_key)
-        nll_sum, tokens = next_token_nll(out.logits, micro["labels"])
+            merged = nnx.merge(graphdef, params, frozen)
+            out = merged(micro["input_ids"], micro["attention_mask"], dropout_key=dropout_key, return_hidden=True)
+            nll_sum, tokens = fused_next_token_nll(out.hidden_states, merged.output_head(), micro["labels"],
+                                                   head_grad=head_trainable)
         loss = nll_sum / total_tokens + coef * out.aux_loss / micro_batches
         return loss, {"nll_sum": nll_sum, "tokens": tokens, "aux_loss": out.aux_loss / micro_batches,
                       "dropped_tokens": out.dropped_tokens,
