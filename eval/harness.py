@@ -41,7 +41,7 @@ def _continuation_scores(graphdef, state, ids, mask, targets, valid, scored: int
     hidden = model(ids, mask, return_hidden=True).hidden_states[:, -scored:]
     batch = hidden.shape[0]
     nll, greedy = blockwise_token_nll(hidden.reshape(batch * scored, -1), model.output_head(),
-                                           targets.reshape(-1), batch * min(position_chunk, scored))
+                                      targets.reshape(-1), batch * min(position_chunk, scored))
     nll, greedy = nll.reshape(batch, scored), greedy.reshape(batch, scored)
     return jnp.sum(jnp.where(valid, -nll, 0.0), -1), jnp.all(greedy | ~valid, -1)
 

@@ -35,8 +35,7 @@ def blockwise_token_nll(hidden: jax.Array, head: jax.Array, targets: jax.Array,
 
     def block_nll(inputs):
         h, t = inputs
-        logits = jnp.einsum("btd,dv->btv", h, head).astype(jnp.float32)
-        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, t[..., None], -1)[..., 0]
+        logits, _, nll = _chunk_nll(h, head, t)
         return nll, jnp.argmax(logits, -1) == t
 
     nll, greedy = jax.lax.map(block_nll, (blocked_hidden, blocked_targets))
@@ -51,17 +50,25 @@ def fused_next_token_nll(hidden: jax.Array, head: jax.Array, labels: jax.Array, 
 
     The logits of about `chunk_rows` rows at a time (chunk_rows / B positions of every row) are computed,
     turned into the loss and at once into their gradient (softmax - one-hot), which is multiplied back into
-    the gradients of `hidden` and (with `head_grad`) of `head`; the backward pass only scales those. The same three products as autodiff
-    of the whole logits, but the [B, T, V] logits and their gradient (a 32,000-wide vocabulary makes them
-    larger than the rest of a small model's activations) are never written: each chunk's stay in cache. The
-    batch axis stays whole, so a batch sharded over a mesh stays sharded. `head_grad=False` (a frozen LM
-    head, as in LoRA) skips the head's gradient product; the head then gets a zero gradient.
+    the gradients of `hidden` and (with `head_grad`) of `head`; the backward pass only scales those. The same
+    three products as autodiff of the whole logits, but the [B, T, V] logits and their gradient (a
+    32,000-wide vocabulary makes them larger than the rest of a small model's activations) are never
+    written: each chunk's stay in cache. The batch axis stays whole, so a batch sharded over a mesh stays
+    sharded. `head_grad=False` (a frozen LM head, as in LoRA) skips the head's gradient product; the head
+    then gets a zero gradient.
     """
     targets = labels[:, 1:]
     valid = targets != IGNORE_INDEX
     positions = max(1, chunk_rows // hidden.shape[0])
     total = _fused_nll(hidden[:, :-1], head, jnp.where(valid, targets, 0), valid, positions, head_grad)
     return total, jnp.sum(valid)
+
+
+def _chunk_nll(h, head, t):
+    """One chunk's fp32 logits [..., V], their log-normaliser and -log p(t), from rows h [..., D]."""
+    logits = jnp.einsum("...d,dv->...v", h, head).astype(jnp.float32)
+    log_normaliser = jax.nn.logsumexp(logits, -1)
+    return logits, log_normaliser, log_normaliser - jnp.take_along_axis(logits, t[..., None], -1)[..., 0]
 
 
 def _in_chunks(rows, targets, valid, chunk):
@@ -84,9 +91,7 @@ def _fused_nll(rows, head, targets, valid, chunk, head_grad):
 
     def block_nll(inputs):
         h, t, v = inputs
-        logits = jnp.einsum("btd,dv->btv", h, head).astype(jnp.float32)
-        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, t[..., None], -1)[..., 0]
-        return jnp.sum(jnp.where(v, nll, 0.0))
+        return jnp.sum(jnp.where(v, _chunk_nll(h, head, t)[2], 0.0))
 
     return jnp.sum(jax.lax.map(block_nll, (blocked_rows, blocked_targets, blocked_valid)))
 
@@ -98,9 +103,8 @@ def _fused_nll_forward(rows, head, targets, valid, chunk, head_grad):
 
     def block(head_gradient, inputs):
         h, t, v = inputs
-        logits = jnp.einsum("btd,dv->btv", h, head).astype(jnp.float32)
-        log_normaliser = jax.nn.logsumexp(logits, -1)
-        nll = jnp.where(v, log_normaliser - jnp.take_along_axis(logits, t[..., None], -1)[..., 0], 0.0)
+        logits, log_normaliser, nll = _chunk_nll(h, head, t)
+        nll = jnp.where(v, nll, 0.0)
         is_target = jnp.arange(vocab) == t[..., None]
         logits_gradient = jnp.where(v[..., None], jnp.exp(logits - log_normaliser[..., None]) - is_target, 0.0)
         logits_gradient = logits_gradient.astype(h.dtype)

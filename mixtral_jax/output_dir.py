@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 
@@ -36,8 +37,6 @@ def _sync_tree(root: str) -> None:
     """Every file and folder under `root` on disk before the rename publishes it: otherwise a crash soon after
     could leave a complete-looking output with empty files. The files are synced from several threads at once,
     so that the disk gets all their writes queued together rather than one file's at a time."""
-    from concurrent.futures import ThreadPoolExecutor
-
     files, folders = [], []
     for folder, _, names in os.walk(root):
         files += [os.path.join(folder, name) for name in names]
