@@ -6,9 +6,10 @@ Writes a synthetic HF checkpoint (legacy per-expert layout, bf16, two shards) wi
 (hidden 4096, intermediate 14336, 8 experts, 32 heads, 8 kv heads, vocab 32000) and `--layers` layers
 (2: ~6.2 GB), then times, each in its own process under `/usr/bin/time -v`: `cp -r` of that directory,
 `cp -r` followed by `sync` (the durable copy: Orbax's TensorStore writer fsyncs every file it writes, `cp` leaves
-dirty pages behind), `mixtral-jax convert hf-to-orbax`, `mixtral-jax convert orbax-to-hf` and `mixtral-jax
-convert verify` of the round trip, each from the same state (`settle`). Reports seconds, GB/s of checkpoint
-bytes, the ratio to `cp`'s rate and each process's peak RSS.
+dirty pages behind), `mixtral-jax convert hf-to-orbax` (with one writer, then the default two), `mixtral-jax
+convert orbax-to-hf` and `mixtral-jax convert verify` of the round trip, each from the same state (`settle`).
+Reports seconds, GB/s of checkpoint bytes, the ratio to `cp`'s rate, and peak RSS: GNU time's (the largest
+single process) and the peak of the sum over the command's processes (hf-to-orbax's writers are processes).
 Every layer of the real model has the same tensors, so the peak memory measured here is the real model's;
 time scales with the bytes (the README extrapolates to 93 GB).
 """
@@ -22,6 +23,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import ml_dtypes
 import numpy as np
@@ -86,15 +89,36 @@ def settle(*inputs: str) -> bool:
 
 
 def timed(argv: list[str]) -> dict:
-    """Wall seconds and peak RSS of one process, from GNU time's verbose report."""
-    result = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True)
-    if result.returncode not in (0, 1) or "Maximum resident set size" not in result.stderr:
-        raise RuntimeError(f"{' '.join(argv)} failed:\n{result.stderr[-3000:]}")
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", result.stderr).group(1)
+    """Wall seconds and peak RSS of one command: GNU time's (the largest single process) and, sampled every
+    20 ms, the peak of the RSS summed over its process tree (the converters' writer processes together)."""
+    import psutil
+
+    proc = subprocess.Popen(["/usr/bin/time", "-v", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    tree_peak = 0
+
+    def sample():
+        nonlocal tree_peak
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                total = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+            except psutil.Error:  # a process ended while it was looked at
+                continue
+            tree_peak = max(tree_peak, total)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    sampler.join()
+    if proc.returncode not in (0, 1) or "Maximum resident set size" not in stderr:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{stderr[-3000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", stderr).group(1)
     seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
-    return {"seconds": seconds, "peak_rss_mb": rss_kb / 1024, "returncode": result.returncode,
-            "stdout_tail": result.stdout[-500:]}
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1))
+    return {"seconds": seconds, "peak_rss_mb": rss_kb / 1024, "peak_tree_rss_mb": tree_peak / 2**20,
+            "returncode": proc.returncode, "stdout_tail": stdout[-500:]}
 
 
 def main(argv=None) -> int:
@@ -115,6 +139,9 @@ def main(argv=None) -> int:
     runs["cp + sync"] = timed(["sh", "-c", f'rm -rf "{copy}" && cp -r "{hf}" "{copy}" && sync'])
     shutil.rmtree(copy)
     settle(hf)
+    runs["hf-to-orbax, 1 writer"] = timed([*cli, "hf-to-orbax", hf, orbax, "--quiet", "--writers", "1"])
+    shutil.rmtree(orbax)
+    settle(hf)
     runs["hf-to-orbax"] = timed([*cli, "hf-to-orbax", hf, orbax, "--quiet"])
     settle(orbax)
     runs["orbax-to-hf"] = timed([*cli, "orbax-to-hf", orbax, back, "--quiet"])
@@ -129,13 +156,15 @@ def main(argv=None) -> int:
     for name, run in runs.items():
         rate = gb / run["seconds"]
         rows.append({"step": name, "seconds": run["seconds"], "gb_per_s": rate, "vs_cp": rate / cp_rate,
-                     "vs_cp_sync": rate / durable_rate, "peak_rss_mb": run["peak_rss_mb"]})
+                     "vs_cp_sync": rate / durable_rate, "peak_rss_mb": run["peak_rss_mb"],
+                     "peak_tree_rss_mb": run["peak_tree_rss_mb"]})
     settled = "dropped before each step, inputs read in" if dropped else "not dropped (needs root)"
     print(f"checkpoint: {args.layers} layers at Mixtral-8x7B widths, bf16, {gb:.2f} GB; page cache {settled}")
-    print("| step | seconds | GB/s | rate / cp | rate / (cp + sync) | peak RSS MB |\n|---|---:|---:|---:|---:|---:|")
+    print("| step | seconds | GB/s | rate / cp | rate / (cp + sync) | peak RSS MB, largest process | all processes |"
+          "\n|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['step']} | {r['seconds']:.1f} | {r['gb_per_s']:.3f} | {r['vs_cp']:.2f} | {r['vs_cp_sync']:.2f} | "
-              f"{r['peak_rss_mb']:,.0f} |")
+              f"{r['peak_rss_mb']:,.0f} | {r['peak_tree_rss_mb']:,.0f} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"layers": args.layers, "bytes": nbytes, "cache_dropped": dropped, "rows": rows}, f, indent=2)

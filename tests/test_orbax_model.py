@@ -147,22 +147,63 @@ def test_hf_orbax_hf_is_bit_identical(sources, tmp_path, form):
     assert config["torch_dtype"] == ("bfloat16" if "bf16" in form else "float32")
 
 
+def _part_trees(orbax_dir) -> list[dict]:
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    marker = json.load(open(os.path.join(orbax_dir, orbax_model.MARKER)))
+    return [ocp.metadata(os.path.join(orbax_dir, part)).metadata for part in orbax_model.weight_parts(marker)]
+
+
 def test_layout_on_disk(orbax_dir):
     marker = json.load(open(os.path.join(orbax_dir, orbax_model.MARKER)))
     assert marker["format"] == orbax_model.FORMAT and marker["quantize"] == "none"
     assert marker["dtype"] == "float32" and marker["num_hidden_layers"] == 2
+    assert marker["version"] == orbax_model.VERSION == 2 and marker["weights"] == ["weights/0", "weights/1"]
     assert orbax_model.is_orbax_model(orbax_dir)
-    import orbax.checkpoint.experimental.v1 as ocp
-
-    tree = ocp.metadata(os.path.join(orbax_dir, "weights")).metadata
+    parts = [orbax_model._flat(tree) for tree in _part_trees(orbax_dir)]
+    assert all(parts) and not set(parts[0]) & set(parts[1])  # the leaves dealt to both writers, none twice
+    tree: dict = {}
+    for keys, leaf in {**parts[0], **parts[1]}.items():
+        orbax_model._nest(keys, leaf, tree)
     assert sorted(tree["layers"]) == ["000", "001"]
-    assert marker["version"] == orbax_model.VERSION == 1
     w1 = tree["layers"]["001"]["block_sparse_moe"]["w1"]  # one key per expert
     assert sorted(w1) == ["000", "001", "002", "003"] and tuple(w1["002"].shape) == (32, 64)
     assert tuple(tree["layers"]["000"]["block_sparse_moe"]["w2"]["003"].shape) == (64, 32)
     assert tuple(tree["layers"]["000"]["self_attn"]["q_proj"].shape) == (32, 4, 8)
     assert tuple(tree["embed_tokens"].shape) == (128, 32) and tuple(tree["lm_head"].shape) == (32, 128)
     assert not [n for n in os.listdir(os.path.dirname(orbax_dir)) if n.startswith(".")]
+
+
+@pytest.mark.parametrize("writers", [1, 3])
+def test_any_number_of_writers_restores_the_same_model(sources, orbax_dir, tmp_path, writers):
+    out = tmp_path / "orbax"
+    orbax_model.convert_hf(sources["legacy-fp32-single"], out, writers=writers)
+    assert len(_part_trees(out)) == writers
+    want = jax.tree.map(np.asarray, nnx.state(from_pretrained(orbax_dir), nnx.Param))
+    got = jax.tree.map(np.asarray, nnx.state(from_pretrained(str(out)), nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, want, got)
+
+
+def test_version_1_single_part_is_still_read(sources, orbax_dir, tmp_path):
+    """Version 1 wrote one Orbax checkpoint at OUT/weights and named it as a string."""
+    out = tmp_path / "v1"
+    orbax_model.convert_hf(sources["legacy-fp32-single"], out, writers=1)
+    os.rename(out / "weights" / "0", out / "part")
+    os.rmdir(out / "weights")
+    os.rename(out / "part", out / "weights")
+    marker = json.load(open(out / orbax_model.MARKER))
+    json.dump({**marker, "version": 1, "weights": "weights"}, open(out / orbax_model.MARKER, "w"))
+    np.testing.assert_array_equal(logits_of(from_pretrained(str(out))), logits_of(from_pretrained(orbax_dir)))
+
+
+def test_missing_weight_part_is_named(orbax_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(orbax_dir, broken)
+    shutil.rmtree(broken / "weights" / "1")
+    with pytest.raises(orbax_model.CheckpointError, match=r"orbax_model.json: field 'weights' names 'weights/1'"):
+        from_pretrained(str(broken))
 
 
 def test_restore_equals_hf_load_and_goes_onto_a_mesh(sources, orbax_dir):
