@@ -334,6 +334,7 @@ def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np
     import shutil
     import struct
 
+    from mixtral_jax.direct_io import DirectFile
     from mixtral_jax.safetensors_io import DTYPE_NAMES
 
     path = os.fspath(path)
@@ -404,7 +405,7 @@ def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np
                 weight_map[m.hf_key] = filename
             encoded = json.dumps(header, separators=(",", ":")).encode()
             encoded += b" " * (-len(encoded) % 8)
-            with open(os.path.join(tmp, filename), "wb") as f:
+            with DirectFile(os.path.join(tmp, filename)) as f:
                 f.write(struct.pack("<Q", len(encoded)))
                 f.write(encoded)
                 for m in shard:

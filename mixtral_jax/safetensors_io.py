@@ -19,6 +19,8 @@ from typing import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
+from mixtral_jax.direct_io import DirectFile
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read as asked; the message names the file and the tensor or field."""
@@ -145,8 +147,8 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as f:
+    with DirectFile(path) as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for _, array in items:
-            f.write(np.ascontiguousarray(array).astype(array.dtype, copy=False).tobytes())
+            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))

@@ -1,0 +1,86 @@
+"""Writing a large file front to back without the page cache (O_DIRECT), for checkpoint shards.
+
+A buffered write copies every byte into the page cache and leaves it dirty; the kernel then throttles the
+writer to the disk's pace once gigabytes are dirty, and the cache evicts what the user was reading. O_DIRECT
+hands the disk the writer's own buffer instead. It needs block-aligned buffers, offsets and lengths, so
+`DirectFile` gathers the bytes in an aligned staging buffer and writes it whole; the last, partial block is
+padded and the file cut back to its true length. Filesystems that refuse O_DIRECT (tmpfs, some FUSE mounts)
+get plain buffered writes of the same bytes.
+
+Measured on the 2-core CI machine (README, Performance): 6.3 GB of safetensors shards written in ~2 s of
+system time instead of ~13 s through the page cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+ALIGNMENT = 4096  # the logical block size O_DIRECT needs on the filesystems in use (ext4, xfs)
+STAGE_BYTES = 16 << 20
+
+
+class DirectFile:
+    """A new file at `path`, written with sequential `write`s and ended with `close` (or a `with` block)."""
+
+    def __init__(self, path: str | os.PathLike, stage_bytes: int = STAGE_BYTES):
+        if stage_bytes % ALIGNMENT:
+            raise ValueError(f"stage_bytes must be a multiple of {ALIGNMENT}, not {stage_bytes}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self.path = os.fspath(path)
+        try:
+            self._fd = os.open(self.path, flags | getattr(os, "O_DIRECT", 0), 0o644)
+            self.direct = hasattr(os, "O_DIRECT")
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+            self._fd = os.open(self.path, flags, 0o644)
+            self.direct = False
+        self._stage = mmap.mmap(-1, stage_bytes) if self.direct else None  # page-aligned
+        self._filled = 0
+        self.size = 0
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        self.size += len(view)
+        if not self.direct:
+            _write_all(self._fd, view)
+            return
+        while len(view):
+            n = min(len(view), len(self._stage) - self._filled)
+            self._stage[self._filled:self._filled + n] = view[:n]
+            self._filled += n
+            view = view[n:]
+            if self._filled == len(self._stage):
+                _write_all(self._fd, memoryview(self._stage))
+                self._filled = 0
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            if self.direct and self._filled:
+                padded = -(-self._filled // ALIGNMENT) * ALIGNMENT
+                self._stage[self._filled:padded] = bytes(padded - self._filled)
+                _write_all(self._fd, memoryview(self._stage)[:padded])
+                os.ftruncate(self._fd, self.size)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+            if self._stage is not None:
+                self._stage.close()
+
+    def __enter__(self) -> DirectFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while len(view):
+        view = view[os.write(fd, view):]
+
+
+__all__ = ["ALIGNMENT", "DirectFile"]

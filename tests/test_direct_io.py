@@ -1,0 +1,60 @@
+"""DirectFile: the bytes on disk are exactly those written, whatever the sizes and split of the writes, with
+O_DIRECT where the filesystem takes it and buffered writes where it does not."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+import pytest
+
+from mixtral_jax import direct_io
+from mixtral_jax.direct_io import ALIGNMENT, DirectFile
+
+
+@pytest.mark.parametrize("sizes", [[0], [1], [ALIGNMENT], [8, 1000, 3 * ALIGNMENT + 5], [70_000, 1, 65_536, 12_345]])
+def test_bytes_on_disk_equal_those_written(tmp_path, sizes):
+    rng = np.random.default_rng(len(sizes))
+    chunks = [rng.integers(0, 256, size, dtype=np.uint8) for size in sizes]
+    path = tmp_path / "out.bin"
+    with DirectFile(path, stage_bytes=4 * ALIGNMENT) as f:  # a small stage: many full writes, then a tail
+        for chunk in chunks:
+            f.write(chunk)
+    assert f.size == sum(sizes)
+    assert path.read_bytes() == b"".join(c.tobytes() for c in chunks)
+
+
+def test_o_direct_is_used_where_the_filesystem_takes_it(tmp_path):
+    with DirectFile(tmp_path / "a.bin") as f:
+        f.write(b"x" * 10)
+        direct = f.direct
+    try:
+        fd = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+        os.close(fd)
+        supported = True
+    except OSError:
+        supported = False
+    assert direct == supported
+
+
+def test_filesystems_without_o_direct_get_buffered_writes(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def refusing(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "O_DIRECT not supported")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(direct_io.os, "open", refusing)
+    data = np.arange(10_000, dtype=np.uint16)
+    with DirectFile(tmp_path / "b.bin") as f:
+        f.write(data.view(np.uint8))
+    assert not f.direct
+    assert np.array_equal(np.fromfile(tmp_path / "b.bin", np.uint16), data)
+
+
+def test_a_stage_that_is_not_block_aligned_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        DirectFile(tmp_path / "c.bin", stage_bytes=5000)
+    assert not (tmp_path / "c.bin").exists()
