@@ -73,7 +73,8 @@ def orbax_to_hf(src: str, out: str, dtype: str = "keep", max_shard_size: str | i
                               f"run directory (no {checkpoint.MANIFEST})")
     write_pretrained(source.config, source.read, out, max_shard_bytes=max_bytes,
                      dtype=None if dtype == "keep" else dtype, overwrite=overwrite,
-                     extra_files=source.extra_files(), show_progress=show_progress, read_part=source.read_part)
+                     extra_files=source.extra_files(), show_progress=show_progress, read_part=source.read_part,
+                     read_ahead=2 if isinstance(source, OrbaxSource) else 1)
 
 
 # ------------------------------------------------------------------------------------------------ verify

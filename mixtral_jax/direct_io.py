@@ -7,8 +7,8 @@ hands the disk the writer's own buffer instead. It needs block-aligned buffers, 
 padded and the file cut back to its true length. Filesystems that refuse O_DIRECT (tmpfs, some FUSE mounts)
 get plain buffered writes of the same bytes.
 
-Measured on the 2-core CI machine (README, Performance): 6.3 GB of safetensors shards written in ~2 s of
-system time instead of ~13 s through the page cache.
+On the 2-core CI machine orbax-to-hf's system time fell from 24-26 s to 8-9 s for 6.3 GB (README,
+Performance).
 """
 
 from __future__ import annotations

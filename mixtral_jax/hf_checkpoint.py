@@ -8,9 +8,11 @@ the finished model plus one parameter.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
+import threading
 from typing import Callable, Iterator
 
 import jax
@@ -320,12 +322,14 @@ def save_pretrained(model: Mixtral, path: str | os.PathLike, *, max_shard_bytes:
 def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np.ndarray], path: str | os.PathLike,
                      *, max_shard_bytes: int | None = None, dtype: str | None = None, overwrite: bool = False,
                      extra_files: dict[str, str] | None = None, show_progress: bool = False,
-                     read_part: Callable[[str, int, tuple], np.ndarray] | None = None) -> None:
+                     read_part: Callable[[str, int, tuple], np.ndarray] | None = None, read_ahead: int = 1) -> None:
     """A streaming `save_pretrained`: `read(param, layer)` returns one layer-tensor in our layout (layer None
     for embed_tokens, norm.weight, lm_head), and it is called once per layer-tensor, in layer order, so the
     host holds one layer-tensor (plus the HF tensor being written) at a time, whatever the model size.
     With `read_part(param, layer, inner)` (inner: the expert index, e.g. (3,)), the per-expert HF tensors are
     read one expert at a time instead, so the host holds one expert's matrix (plus its HF transpose).
+    `read_ahead` tensors are read (and transposed) on as many threads while one is written: more than 1 only
+    where `read` and `read_part` are thread-safe.
 
     Writes the legacy layout (per expert tensors, each layer's experts grouped by weight), sharded past
     `max_shard_bytes` with model.safetensors.index.json, config.json, and generation_config.json (copied from
@@ -357,25 +361,30 @@ def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np
     names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                      for i in range(len(shards))]
     cached: list = [None, None]  # (param, layer) and its layer-tensor: the one held on the host
-    ring = BufferRing(depth=2)  # each HF tensor's buffer: one being written, one being filled
+    cache_lock = threading.Lock()
+    # Each HF tensor's buffer: one being written, `read_ahead` being filled. Taken in order on this thread
+    # when the read is submitted, so a buffer comes back only after the tensor that last held it was written.
+    ring = BufferRing(depth=read_ahead + 1)
 
-    def hf_tensor(m: TensorMapping) -> np.ndarray:
+    def hf_tensor(m: TensorMapping, out: np.ndarray) -> np.ndarray:
         layer = m.index[0] if m.param.startswith("layers.") else None
         inner = m.index[1:] if layer is not None else m.index
         if read_part is not None and inner:
-            cached[0], cached[1] = None, None
+            with cache_lock:
+                cached[0], cached[1] = None, None
             ours = np.asarray(read_part(m.param, layer, tuple(inner)))
         else:
-            if cached[0] != (m.param, layer):
-                cached[0], cached[1] = None, None
-                cached[1] = read(m.param, layer)
-                cached[0] = (m.param, layer)
-            ours = np.asarray(cached[1])[inner]
+            with cache_lock:
+                if cached[0] != (m.param, layer):
+                    cached[0], cached[1] = None, None
+                    cached[1] = read(m.param, layer)
+                    cached[0] = (m.param, layer)
+                ours = np.asarray(cached[1])[inner]
         expected = (m.hf_shape[1], m.hf_shape[0]) if m.kind == "linear" else tuple(m.hf_shape)
         if int(np.prod(ours.shape, dtype=np.int64)) != int(np.prod(expected, dtype=np.int64)):
             raise CheckpointError(f"{m.hf_key}: source gives shape {list(ours.shape)}, config implies "
                                   f"{list(m.hf_shape)}")
-        return ours_to_hf_into(m, ours, ring.take(m.hf_shape, out_dtype))
+        return ours_to_hf_into(m, ours, out)
 
     with output_directory(path) as tmp, tqdm(total=sum(nbytes.values()), unit="B", unit_scale=True,
                                              desc=f"writing {os.path.basename(path)}",
@@ -383,15 +392,19 @@ def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np
         weight_map = {}
         from concurrent.futures import ThreadPoolExecutor
 
-        # Each HF tensor is read and transposed on a background thread while the previous one is written.
-        pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+        # The next `read_ahead` HF tensors are read and transposed on background threads while one is written.
+        pool = ThreadPoolExecutor(read_ahead, thread_name_prefix="read-ahead")
         flat = [m for shard in shards for m in shard]
-        ahead = [pool.submit(hf_tensor, flat[0])] if flat else []
+
+        def submit(i: int):
+            return pool.submit(hf_tensor, flat[i], ring.take(flat[i].hf_shape, out_dtype))
+
+        ahead = collections.deque(submit(i) for i in range(min(read_ahead, len(flat))))
 
         def next_tensor(i: int) -> np.ndarray:
-            tensor = ahead.pop().result()
-            if i + 1 < len(flat):
-                ahead.append(pool.submit(hf_tensor, flat[i + 1]))
+            tensor = ahead.popleft().result()
+            if i + read_ahead < len(flat):
+                ahead.append(submit(i + read_ahead))
             return tensor
 
         count = 0

@@ -30,8 +30,9 @@ Writing uses Orbax's partial saves (`orbax.checkpoint.experimental.v1.partial`):
 new OCDBT sub-database without reading or rewriting the earlier ones, so a writer holds one layer-tensor (one
 expert's matrix for w1-w3) at a time; `finalize` commits the checkpoint. Partial saves into one checkpoint
 cannot overlap, and each waits for its files to reach the disk (TensorStore fsyncs them), so one writer
-leaves the CPU idle half the time; the leaves are dealt round-robin to `writers` parts, each written by its
-own thread (2 writers: 17-27 s -> 10.5 s for 6.3 GB of 117 MB leaves on the 2-core CI machine). The whole
+leaves the CPU idle much of the time; the leaves are dealt round-robin to `writers` parts, each written by
+its own process (not thread: Orbax keeps the current save's operation id in a global). On the 2-core CI
+machine two writers took hf-to-orbax from ~26 s to ~18 s for 6.3 GB (README, Performance). The whole
 directory is built under a temporary name and renamed when complete (output_dir.py).
 
 Reading restores each of our stacked parameters from its L layer slices, each restored straight onto the
@@ -47,6 +48,7 @@ import json
 import multiprocessing
 import os
 import queue
+import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Callable
 
@@ -480,7 +482,7 @@ def _cast(x, dtype, sharding):
 
 class OrbaxSource:
     """One layer-tensor at a time from an Orbax model checkpoint, onto the host (an NF4 weight dequantised
-    to the stored dtype), for the converters back to HF and `verify`."""
+    to the stored dtype), for the converters back to HF and `verify`; safe to read from several threads."""
 
     def __init__(self, directory: str):
         self.directory = os.fspath(directory)
@@ -488,6 +490,7 @@ class OrbaxSource:
         self.weights = Weights(self.directory, self.marker)
         self.params = dict(_named_params(abstract_model(self.config, quantize=self.marker["quantize"])))
         self._cached: tuple = (None, None)
+        self._cache_lock = threading.Lock()  # reads may come from several threads (`write_pretrained`)
 
     def items(self) -> list[Item]:
         return ordered_items(self.config)
@@ -513,10 +516,11 @@ class OrbaxSource:
             value = self.params[param].get_value()
             key = expert_key(param, layer, inner[0])
             return np.asarray(_get(self.weights.load(_nest(key, np.empty(value.shape[2:], value.dtype))), key))
-        if self._cached[0] != (param, layer):  # a whole layer-tensor, read once for all its experts
-            self._cached = (None, None)
-            self._cached = ((param, layer), self.read(param, layer))
-        return self._cached[1][inner]
+        with self._cache_lock:
+            if self._cached[0] != (param, layer):  # a whole layer-tensor, read once for all its experts
+                self._cached = (None, None)
+                self._cached = ((param, layer), self.read(param, layer))
+            return self._cached[1][inner]
 
     def extra_files(self) -> dict[str, str]:
         return extra_files(self.directory)

@@ -497,3 +497,39 @@ def test_loading_streams_peak_host_memory_stays_near_the_model_size(tmp_path):
     growth = int(result.stdout.strip().splitlines()[-1])
     assert model_bytes > 150e6
     assert growth < 1.5 * model_bytes, (growth, model_bytes)
+
+
+def test_reads_ahead_on_several_threads_write_the_same_bytes(legacy_model, tmp_path, monkeypatch):
+    """Reads that finish out of order, into reused buffers (a ring for every size here), change nothing."""
+    import functools
+    import time
+
+    from mixtral_jax import direct_io
+    from mixtral_jax.host_arrays import BufferRing
+    from mixtral_jax.layer_tensors import ModelSource
+
+    monkeypatch.setattr(hf_checkpoint, "BufferRing", functools.partial(BufferRing, min_bytes=0))
+    source = ModelSource(legacy_model)
+    delays = iter(np.random.default_rng(0).uniform(0, 0.01, 10_000))
+
+    def slow_part(param, layer, inner):
+        time.sleep(next(delays))
+        return source.read_part(param, layer, inner)
+
+    real_write = direct_io.DirectFile.write
+
+    def slow_write(self, data):  # a tensor stays "being written" while the next reads fill their buffers
+        time.sleep(0.005)
+        real_write(self, data)
+
+    monkeypatch.setattr(direct_io.DirectFile, "write", slow_write)
+
+    written = {}
+    for read_ahead in (1, 3):
+        out = tmp_path / f"ahead{read_ahead}"
+        hf_checkpoint.write_pretrained(legacy_model.config, source.read, out, read_part=slow_part,
+                                       read_ahead=read_ahead, max_shard_bytes=20_000)
+        written[read_ahead] = read_dir(out)
+    assert written[1].keys() == written[3].keys() and len(written[1]) > 10
+    for key, tensor in written[1].items():
+        assert torch.equal(tensor, written[3][key]), key
