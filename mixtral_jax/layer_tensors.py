@@ -52,6 +52,9 @@ def layer_shapes(config: MixtralConfig) -> dict[str, tuple[tuple, str]]:
     return out
 
 
+_READ_BLOCK_BYTES = 32 << 20  # the largest piece of an HF linear weight read at once (one q_proj at 8x7B)
+
+
 class HFSource:
     """An HF directory, legacy or fused layout, one file or sharded. `dtype` None: the checkpoint's own
     (that of model.embed_tokens.weight), as from_pretrained decides it."""
@@ -119,9 +122,13 @@ class HFSource:
         tensor), read with plain file reads."""
         if m.kind == "copy":
             target[...] = self.files.read_copy(m.hf_key).reshape(target.shape)
-        elif m.kind == "linear":
-            raw = self.files.read_copy(m.hf_key)
-            transpose_into(raw, target.reshape(raw.shape[1], raw.shape[0]))
+        elif m.kind == "linear":  # read in row blocks, so that a 262 MB LM head is not held twice
+            rows, cols = m.hf_shape
+            ours = target.reshape(cols, rows)
+            block = max(1, _READ_BLOCK_BYTES // (cols * self.files.dtype(m.hf_key).itemsize))
+            for start in range(0, rows, block):
+                raw = self.files.read_copy(m.hf_key, rows=slice(start, start + block))
+                transpose_into(raw, ours[:, start:start + raw.shape[0]])
         else:  # fused_w1 / fused_w3: [E, 2F, D] halves; fused_w2: [E, D, F]; each expert transposed
             f = m.hf_shape[1] // 2
             rows = {"fused_w1": slice(0, f), "fused_w3": slice(f, 2 * f)}.get(m.kind)

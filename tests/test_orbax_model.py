@@ -268,3 +268,15 @@ def test_nf4_checkpoint_is_packed_and_equals_quantize_base(wide_hf, tmp_path):
     np.testing.assert_array_equal(np.asarray(_logits(restored, ids)), np.asarray(_logits(expected, ids)))
     sharded = from_pretrained(str(tmp_path / "nf4"), mesh=make_mesh("fsdp=2,expert=4"))
     np.testing.assert_allclose(np.asarray(_logits(sharded, ids)), np.asarray(_logits(expected, ids)), atol=1e-5)
+
+
+def test_linear_weights_read_in_row_blocks_are_unchanged(sources, monkeypatch):
+    """HFSource reads a large linear weight a row block at a time; blocks that do not divide the rows too."""
+    from mixtral_jax import layer_tensors
+
+    source = layer_tensors.HFSource(sources["legacy-bf16-sharded"])
+    whole = {p: source.read(p, layer) for p, layer in [("lm_head", None), ("layers.self_attn.q_proj", 1)]}
+    monkeypatch.setattr(layer_tensors, "_READ_BLOCK_BYTES", 3 * 32 * 2)  # 3 rows of a 32-wide bf16 weight
+    for (param, layer), expected in zip([("lm_head", None), ("layers.self_attn.q_proj", 1)], whole.values()):
+        got = source.read(param, layer)
+        assert got.dtype == expected.dtype and np.array_equal(got.view(np.uint16), expected.view(np.uint16))
