@@ -14,6 +14,7 @@ Performance).
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 
@@ -44,17 +45,15 @@ class DirectFile:
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
         self.size += len(view)
-        if not self.direct:
-            _write_all(self._fd, view)
-            return
-        while len(view):
+        while len(view) and self.direct:
             n = min(len(view), len(self._stage) - self._filled)
             self._stage[self._filled:self._filled + n] = view[:n]
             self._filled += n
             view = view[n:]
             if self._filled == len(self._stage):
-                _write_all(self._fd, memoryview(self._stage))
-                self._filled = 0
+                self._flush_stage(len(self._stage))
+        if len(view):  # buffered (the stage is empty then)
+            _write_all(self._fd, view)
 
     def close(self) -> None:
         if self._fd < 0:
@@ -63,13 +62,29 @@ class DirectFile:
             if self.direct and self._filled:
                 padded = -(-self._filled // ALIGNMENT) * ALIGNMENT
                 self._stage[self._filled:padded] = bytes(padded - self._filled)
-                _write_all(self._fd, memoryview(self._stage)[:padded])
+                self._flush_stage(padded)
                 os.ftruncate(self._fd, self.size)
         finally:
             os.close(self._fd)
             self._fd = -1
             if self._stage is not None:
                 self._stage.close()
+
+    def _flush_stage(self, length: int) -> None:
+        """Writes the stage's first `length` bytes and empties it. A filesystem that opened the file with
+        O_DIRECT but refuses a write (EINVAL, before any byte of it is written) gets the rest of the stage and
+        every later write buffered."""
+        done = 0
+        while done < length:
+            try:
+                done += os.write(self._fd, memoryview(self._stage)[done:length])
+            except OSError as err:
+                if err.errno != errno.EINVAL or not self.direct:
+                    raise
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                self.direct = False
+                length = self._filled  # no padding: the file is cut to its size anyway
+        self._filled = 0
 
     def __enter__(self) -> DirectFile:
         return self

@@ -58,3 +58,26 @@ def test_a_stage_that_is_not_block_aligned_is_refused(tmp_path):
     with pytest.raises(ValueError, match="multiple of 4096"):
         DirectFile(tmp_path / "c.bin", stage_bytes=5000)
     assert not (tmp_path / "c.bin").exists()
+
+
+def test_a_refused_direct_write_falls_back_to_buffered(tmp_path, monkeypatch):
+    """A filesystem that opens with O_DIRECT but refuses the aligned write (EINVAL) mid-file."""
+    import fcntl
+
+    real_write = os.write
+    calls = []
+
+    def refusing_second_direct_write(fd, data):
+        direct = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        calls.append(direct)
+        if direct and len(calls) == 2:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(direct_io.os, "write", refusing_second_direct_write)
+    data = np.random.default_rng(5).integers(0, 256, 5 * ALIGNMENT + 77, dtype=np.uint8)
+    with DirectFile(tmp_path / "d.bin", stage_bytes=2 * ALIGNMENT) as f:
+        for piece in np.array_split(data, 4):
+            f.write(piece)
+    assert f.direct is False and calls[0] and not calls[-1]
+    assert (tmp_path / "d.bin").read_bytes() == data.tobytes()
