@@ -336,10 +336,9 @@ def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np
     `extra_files` when given there, like the tokenizer files it names: output name -> source path).
     """
     import shutil
-    import struct
 
     from mixtral_jax.direct_io import DirectFile
-    from mixtral_jax.safetensors_io import DTYPE_NAMES
+    from mixtral_jax.safetensors_io import header_bytes
 
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
@@ -409,18 +408,9 @@ def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np
 
         count = 0
         for filename, shard in zip(names, shards):
-            header: dict = {"__metadata__": {"format": "pt"}}
-            offset = 0
-            for m in shard:
-                header[m.hf_key] = {"dtype": DTYPE_NAMES[out_dtype], "shape": list(m.hf_shape),
-                                    "data_offsets": [offset, offset + nbytes[m.hf_key]]}
-                offset += nbytes[m.hf_key]
-                weight_map[m.hf_key] = filename
-            encoded = json.dumps(header, separators=(",", ":")).encode()
-            encoded += b" " * (-len(encoded) % 8)
+            weight_map.update((m.hf_key, filename) for m in shard)
             with DirectFile(os.path.join(tmp, filename)) as f:
-                f.write(struct.pack("<Q", len(encoded)))
-                f.write(encoded)
+                f.write(header_bytes([(m.hf_key, out_dtype, m.hf_shape) for m in shard]))
                 for m in shard:
                     tensor = next_tensor(count)
                     count += 1

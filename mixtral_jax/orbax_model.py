@@ -248,7 +248,8 @@ def convert_hf(hf_dir: str, out: str, *, dtype: str | None = None, quantize: str
         raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
     source = HFSource(hf_dir, dtype)
     config = source.config
-    parts = [f"{WEIGHTS}/{k}" for k in range(min(writers, len(_tasks(source, quantize))))]
+    tasks = _tasks(source, quantize)
+    parts = [f"{WEIGHTS}/{k}" for k in range(min(writers, len(tasks)))]
     stored = {"read_bytes": 0, "quantized_params": 0, "quantized_bytes": 0, "other_bytes": 0}
     with output_directory(out) as tmp, tqdm(total=source.total_bytes(), unit="B", unit_scale=True,
                                             desc=f"hf-to-orbax {os.path.basename(out)}",
@@ -264,7 +265,7 @@ def convert_hf(hf_dir: str, out: str, *, dtype: str | None = None, quantize: str
 
         paths = [os.path.join(os.path.abspath(tmp), part) for part in parts]
         if len(paths) == 1:
-            _write_part(source, quantize, paths[0], 0, 1, saved)
+            _write_part(tasks, paths[0], saved)
         else:
             _write_parts_in_processes(hf_dir, dtype, quantize, paths, saved)
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -284,7 +285,8 @@ def _tasks(source: HFSource, quantize: str) -> list[tuple[tuple[str, ...], Calla
     """(Orbax key, reader of its leaf, the item it completes or None), in the order the source holds them."""
     config = source.config
     marker = {"version": VERSION, "quantize": quantize}
-    axes = {name: v.get_metadata()["logical_axes"] for name, v in _named_params(abstract_model(config))}
+    axes = ({name: v.get_metadata()["logical_axes"] for name, v in _named_params(abstract_model(config))}
+            if quantize == "nf4" else {})
 
     def nf4(param, layer):  # the packed arrays and the parameter count
         array = source.read(param, layer)
@@ -304,14 +306,12 @@ def _tasks(source: HFSource, quantize: str) -> list[tuple[tuple[str, ...], Calla
     return tasks
 
 
-def _write_part(source: HFSource, quantize: str, directory: str, part: int, parts: int, saved,
-                stop=None) -> None:
-    """Weight part `part` of `parts`: every `parts`-th leaf, one partial save each, then `finalize`. The next
+def _write_part(tasks: list, directory: str, saved, stop=None) -> None:
+    """One weight part of `tasks`' leaves (`_tasks`' form), one partial save each, then `finalize`. The next
     leaf is read (and transposed) on a second thread while one is saved, so a writer holds at most two
     leaves. `saved(stats, item)` is told of each leaf; a set `stop` (another writer failed) ends it early."""
     from orbax.checkpoint.experimental.v1 import partial
 
-    tasks = _tasks(source, quantize)[part::parts]
     with _save_context(), ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
         ahead = pool.submit(tasks[0][1])
         for i, (key, _, item) in enumerate(tasks):
@@ -374,7 +374,7 @@ def _writer_process(messages, stop) -> None:
 def _write_part_in_process(hf_dir: str, dtype: str | None, quantize: str, directory: str, part: int,
                            parts: int) -> None:
     messages = _WRITER["messages"]
-    _write_part(HFSource(hf_dir, dtype), quantize, directory, part, parts,
+    _write_part(_tasks(HFSource(hf_dir, dtype), quantize)[part::parts], directory,
                 lambda stats, item: messages.put((stats, item)), _WRITER["stop"])
     messages.put(None)
 

@@ -134,21 +134,26 @@ class SafetensorsFile:
         return out
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
-                      metadata: Mapping[str, str] | None = None) -> None:
-    """Writes tensors in order; the header is computed from shapes first, then each tensor is streamed."""
-    items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
+def header_bytes(entries: Iterable[tuple[str, np.dtype, tuple]], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The start of a safetensors file holding `entries` (name, dtype, shape) in order, back to back: the
+    8-byte header length, then the JSON header padded with spaces to a multiple of 8 bytes."""
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
-    for name, array in items:
-        nbytes = array.dtype.itemsize * int(np.prod(array.shape, dtype=np.int64))
-        header[name] = {"dtype": DTYPE_NAMES[np.dtype(array.dtype)], "shape": list(array.shape),
+    for name, dtype, shape in entries:
+        nbytes = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Writes tensors in order; the header is computed from shapes first, then each tensor is streamed."""
+    items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
     with DirectFile(path) as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
+        f.write(header_bytes([(name, array.dtype, array.shape) for name, array in items], metadata))
         for _, array in items:
             f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
