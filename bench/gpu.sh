@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# The train step on one GPU (H100 class): a ~1.15B-parameter Mixtral shape (preset bench-1b), bf16, dropless
-# with ragged_dot, for full fine-tuning, LoRA (r 64 on all 8 targets) and QLoRA (the same over an NF4 base).
-# Prints one JSON line per mode (tokens_per_s, mfu against the GPU's bf16 data-sheet peak, peak memory) and a
-# summary table; about 3-4 minutes.
+# The train step on one GPU (H100/H200): a ~1.15B-parameter Mixtral shape (preset bench-1b), bf16, dropless,
+# for full fine-tuning, LoRA (r 64 on all 8 targets) and QLoRA (the same over an NF4 base), with the GPU
+# kernels (experts: Pallas Mosaic GPU grouped products, `grouped_matmul=mosaic_gpu`; attention: cuDNN's fused
+# attention), then full fine-tuning once more with XLA's ragged_dot and attention, the baseline on the same card.
+# First checks those kernels against their fp32 references (bench/bench_gpu_kernels.py). Prints one JSON line
+# per run (tokens_per_s, mfu against the GPU's bf16 data-sheet peak, peak memory) and a summary table; about
+# 4-5 minutes. A run that fails is reported and the others go on.
 #
-#   bash bench/gpu.sh [STEPS] [BATCH] [SEQ]        (defaults 10, 8, 2048)
+#   bash bench/gpu.sh [STEPS] [BATCH] [SEQ]        (defaults 10, 8, 2048; GMM= and ATTENTION= override the
+#                                                  kernels: GMM=ragged_dot ATTENTION=xla is the baseline)
 #
 # Needs jax with CUDA in the Python that runs it (PYTHON, default .venv/bin/python):
 #   pip install -e . "jax[cuda12]==0.10.2"
-set -euo pipefail
-cd "$(dirname "$0")/.."
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
 STEPS="${1:-10}" BATCH="${2:-8}" SEQ="${3:-2048}"
+GMM="${GMM:-mosaic_gpu}" ATTENTION="${ATTENTION:-cudnn}"
 PYTHON="${PYTHON:-.venv/bin/python}"
 [[ -x "$PYTHON" ]] || PYTHON=python3
 
@@ -21,16 +26,30 @@ fi
 "$PYTHON" -c 'import jax; d = jax.devices()[0]; print(f"device: {d.device_kind}, jax {jax.__version__}")'
 OUT="${OUT:-$(mktemp -d)}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-for mode in full lora qlora; do
-  "$PYTHON" -m mixtral_jax.cli bench train --config bench-1b --mode "$mode" --steps "$STEPS" --batch "$BATCH" \
-    --seq "$SEQ" --moe-backend dropless dtype=bfloat16 param_dtype=bfloat16 grouped_matmul=ragged_dot \
-    remat_policy=dots_no_batch | tail -n 1 | tee "$OUT/$mode.json"
-done
+"$PYTHON" -m bench.bench_gpu_kernels --batch "$BATCH" --seq "$SEQ" --json "$OUT/kernels.json" ||
+  echo "bench/gpu.sh: the kernel check failed (above)" >&2
+
+step() {  # step NAME MODE GROUPED_MATMUL ATTENTION
+  "$PYTHON" -m mixtral_jax.cli bench train --config bench-1b --mode "$2" --steps "$STEPS" --batch "$BATCH" \
+    --seq "$SEQ" --moe-backend dropless dtype=bfloat16 param_dtype=bfloat16 grouped_matmul="$3" \
+    attention_implementation="$4" remat_policy=dots_no_batch > "$OUT/$1.log" 2>&1
+  local status=$?
+  if ((status == 0)); then tail -n 1 "$OUT/$1.log" | tee "$OUT/$1.json"
+  else echo "bench/gpu.sh: $1 failed (exit $status):" >&2; tail -n 20 "$OUT/$1.log" >&2; fi
+}
+for mode in full lora qlora; do step "$mode" "$mode" "$GMM" "$ATTENTION"; done
+step full-baseline full ragged_dot xla
+
 "$PYTHON" - "$OUT" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-print("| mode | tokens/s | MFU | step ms | peak RSS MB |\n|---|---:|---:|---:|---:|")
-for mode in ("full", "lora", "qlora"):
-    r = json.loads((out / f"{mode}.json").read_text())
-    print(f"| {mode} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {r.get('step_ms', 0):.0f} | {r['peak_rss_mb']:,.0f} |")
+print("| run | tokens/s | MFU | step ms | compile s | peak RSS MB |\n|---|---:|---:|---:|---:|---:|")
+for run in ("full", "lora", "qlora", "full-baseline"):
+    path = out / f"{run}.json"
+    if not path.exists():
+        print(f"| {run} | failed | | | | |")
+        continue
+    r = json.loads(path.read_text())
+    print(f"| {run} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {r.get('step_ms', 0):.0f} "
+          f"| {r.get('compile_s', 0):.1f} | {r['peak_rss_mb']:,.0f} |")
 PY

@@ -107,26 +107,29 @@ class Attention(nnx.Module):
         if cache_kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), first_slot, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), first_slot, axis=1)
-        out = attend(q, k.astype(dtype), v.astype(dtype), mask, cfg.attention_chunk)
+        out = attend(q, k.astype(dtype), v.astype(dtype), mask, cfg.attention_chunk, cfg.attention_implementation)
         return project(out, read(self.o_proj, dtype), adapter_of(self, "o_proj", dtype, dropout_key), 2), (k, v)
 
 
-def grouped_query_attention(q, k, v, mask):
-    """q [B, T, H, hd], k/v [B, S, KV, hd], mask [B, T, S]; scaled by hd**-0.5, scores and softmax in fp32."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+def grouped_query_attention(q, k, v, mask, implementation: str = "xla"):
+    """q [B, T, H, hd], k/v [B, S, KV, hd], mask [B, T, S]; scaled by hd**-0.5, scores and softmax in fp32.
+
+    `implementation="cudnn"` is cuDNN's fused (flash) attention on NVIDIA GPUs, bf16/fp16 only: the scores
+    are never materialised; the mask travels as an additive bias."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
 
 
-def attend(q, k, v, mask, chunk: int | None = None):
+def attend(q, k, v, mask, chunk: int | None = None, implementation: str = "xla"):
     """Attention under a `Visibility` or a [B, T, S] bool mask; with `chunk` set and T > chunk, in query
     blocks of `chunk` rows (`chunked_attention`), which gives the same numbers in O(chunk * S) memory."""
     if isinstance(mask, Visibility):
         if chunk is not None and q.shape[1] > chunk:
-            return chunked_attention(q, k, v, mask, chunk)
+            return chunked_attention(q, k, v, mask, chunk, implementation)
         mask = mask.mask()
-    return grouped_query_attention(q, k, v, mask)
+    return grouped_query_attention(q, k, v, mask, implementation)
 
 
-def chunked_attention(q, k, v, visible: Visibility, chunk: int):
+def chunked_attention(q, k, v, visible: Visibility, chunk: int, implementation: str = "xla"):
     """q [B, T, H, hd], k/v [B, S, KV, hd]: `jax.lax.map` over blocks of `chunk` queries, each attending to
     every key with its own [B, chunk, S] mask built from slots and segments inside the loop. Peak memory is
     one block's scores, [B, H, chunk, S] fp32, instead of [B, H, T, S]. T is padded to a multiple of `chunk`
@@ -146,7 +149,7 @@ def chunked_attention(q, k, v, visible: Visibility, chunk: int):
     def one_block(inputs):
         q_block, slot_block, segment_block = inputs
         mask = visibility_mask(slot_block, segment_block, visible.key_segments, visible.sliding_window)
-        return grouped_query_attention(q_block, k, v, mask)
+        return grouped_query_attention(q_block, k, v, mask, implementation)
 
     out = jax.lax.map(one_block, (blocked(q), blocked(slots), blocked(segments)))  # [blocks, B, chunk, H, hd]
     return jnp.swapaxes(out, 0, 1).reshape(batch, blocks * chunk, heads, head_dim)[:, :length]

@@ -20,7 +20,8 @@ class ConfigError(ValueError):
 
 
 MOE_BACKENDS = ("dense", "dropless", "capacity")
-GROUPED_MATMULS = ("ragged_dot", "blocked")
+GROUPED_MATMULS = ("ragged_dot", "mosaic_gpu", "blocked")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -69,7 +70,7 @@ class MixtralConfig:
     eos_token_id: int = 2
     # Implementation (ours).
     moe_backend: str = "dropless"
-    grouped_matmul: str = "blocked"  # dropless expert product: "ragged_dot" (GPU/TPU) or "blocked" (CPU)
+    grouped_matmul: str = "blocked"  # dropless experts: "ragged_dot" (TPU), "mosaic_gpu" (H100/H200), "blocked" (CPU)
     moe_block_size: int = 128  # rows per block of the "blocked" grouped product
     capacity_factor: float = 2.0
     dtype: str = "float32"  # compute dtype
@@ -77,6 +78,7 @@ class MixtralConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_chunk: int | None = None  # attend in blocks of this many queries when longer (bounded memory)
+    attention_implementation: str = "xla"  # "cudnn": cuDNN's fused attention (NVIDIA GPUs, bf16/fp16)
 
     def __post_init__(self):
         self.validate()
@@ -125,6 +127,8 @@ class MixtralConfig:
                 fail(name, f"must be true or false, got {getattr(self, name)!r}")
         for name, value, allowed in (("moe_backend", self.moe_backend, MOE_BACKENDS),
                                      ("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS),
+                                     ("attention_implementation", self.attention_implementation,
+                                      ATTENTION_IMPLEMENTATIONS),
                                      ("remat_policy", self.remat_policy, REMAT_POLICIES),
                                      ("dtype", self.dtype, DTYPES), ("param_dtype", self.param_dtype, DTYPES)):
             if value not in allowed:

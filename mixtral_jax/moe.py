@@ -5,8 +5,8 @@ All backends compute `sum_j w_j * expert_{e_j}(x)` over the top-k experts `e_j` 
 
 * `dense`: every expert on every token, weighted by a mostly-zero combine matrix. The reference.
 * `dropless`: assignments sorted by expert, one grouped matrix product per weight, nothing dropped.
-  The grouped product is `jax.lax.ragged_dot` (for GPU/TPU) or a blocked product of our own (for CPU, where
-  ragged_dot computes every group densely).
+  The grouped product is `jax.lax.ragged_dot` (TPU), JAX's Pallas kernels for Hopper GPUs (`gmm_gpu`; XLA's
+  GPU ragged_dot, like its CPU one, computes every group densely) or a blocked product of our own (CPU).
 * `capacity`: each expert takes at most `capacity` assignments per sequence (GShard), the rest are dropped
   (their contribution is zero, the residual stream carries the token on). Dispatch and combine are gathers.
 
@@ -25,6 +25,7 @@ from flax import nnx
 
 from jax.sharding import PartitionSpec
 
+from mixtral_jax import gmm_gpu
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.lora import Adapter, LoraConfig, adapter_of, attach, project
 from mixtral_jax.quantized import read
@@ -133,11 +134,7 @@ def dropless_experts(x, expert_ids, expert_weights, w1, w2, w3, config: MixtralC
     inverse = jnp.argsort(order)
     group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
     sorted_x = permute_rows(jnp.repeat(x.reshape(-1, d), k, axis=0), order, inverse)
-    if config.grouped_matmul == "ragged_dot":
-        matmul = lambda lhs, w: jax.lax.ragged_dot(lhs, w, group_sizes)
-    else:
-        matmul = lambda lhs, w: blocked_grouped_matmul(lhs, w, group_sizes, config.moe_block_size)
-    sorted_out = _swiglu(sorted_x, w1, w3, w2, matmul)
+    sorted_out = _swiglu(sorted_x, w1, w3, w2, grouped_product(config, group_sizes))
     per_assignment = permute_rows(sorted_out, inverse, order).reshape(b, s, k, d)
     return jnp.einsum("bskd,bsk->bsd", per_assignment, expert_weights)
 
@@ -177,8 +174,6 @@ def dropless_expert_parallel(x, expert_ids, expert_weights, w1, w2, w3, config: 
     def spec(weight, base, adapter):
         return base, (None if weight[1] is None else adapter)
     shards = mesh.shape["expert"]
-    matmul_kind = config.grouped_matmul
-
     def local(x, ids, weights, w1, w2, w3):
         w1, w2, w3 = dress(w1, "w1"), dress(w2, "w2"), dress(w3, "w3")
         lb, ls, _ = x.shape
@@ -205,11 +200,7 @@ def dropless_expert_parallel(x, expert_ids, expert_weights, w1, w2, w3, config: 
         ungroup = jnp.argsort(regroup)
         rows = permute_rows(received.reshape(-1, d), regroup, ungroup)
         group_sizes = received_counts.sum(axis=0).astype(jnp.int32)
-        if matmul_kind == "ragged_dot":
-            matmul = lambda lhs, w: jax.lax.ragged_dot(lhs, w, group_sizes)
-        else:
-            matmul = lambda lhs, w: blocked_grouped_matmul(lhs, w, group_sizes, config.moe_block_size)
-        out = _swiglu(rows, w1, w3, w2, matmul)
+        out = _swiglu(rows, w1, w3, w2, grouped_product(config, group_sizes))
         if width_split:
             out = jax.lax.psum(out, "tensor")
         out = permute_rows(out, ungroup, regroup).reshape(shards, m, d)
@@ -224,6 +215,15 @@ def dropless_expert_parallel(x, expert_ids, expert_weights, w1, w2, w3, config: 
                 spec(w2, w2_spec, w2_adapter_spec), spec(w3, w13_spec, w13_adapter_spec))
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=tokens_spec, check_vma=False)(
         x, expert_ids, expert_weights, strip(w1), strip(w2), strip(w3))
+
+
+def grouped_product(config: MixtralConfig, group_sizes: jax.Array):
+    """The configured grouped product `matmul(rows, weights)` for rows sorted into groups of `group_sizes`."""
+    if config.grouped_matmul == "ragged_dot":
+        return lambda rows, weights: jax.lax.ragged_dot(rows, weights, group_sizes)
+    if config.grouped_matmul == "mosaic_gpu":
+        return lambda rows, weights: gmm_gpu.grouped_matmul(rows, weights, group_sizes)
+    return lambda rows, weights: blocked_grouped_matmul(rows, weights, group_sizes, config.moe_block_size)
 
 
 @jax.custom_vjp
