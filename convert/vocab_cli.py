@@ -8,10 +8,6 @@ import json
 import os
 import sys
 import tempfile
-from typing import Iterator
-
-TEXT_SUFFIXES = (".txt", ".jsonl")
-
 
 def register(commands) -> None:
     from convert.cli import _dtype_argument, _output_arguments
@@ -29,8 +25,10 @@ def register(commands) -> None:
                     "tokenizer.model with tokenizer_config.json. Prints a JSON summary.")
     ext.add_argument("--model", required=True, help="HF directory, Orbax model checkpoint or training run")
     ext.add_argument("--texts", required=True, action="append", metavar="SRC",
-                     help="a .txt file (a text a line), a .jsonl file (objects with a string 'text') or "
-                          "bundled:NAME (e.g. bundled:peoples-daily); repeat for more")
+                     help="texts as `mixtral-jax train` reads them: a .txt file (a text a line), a .jsonl/.json "
+                          "file (objects with a string 'text'), a directory or glob of them (local or gs://), "
+                          "hf:NAME[:split], tfds:NAME[:split] or bundled:NAME (e.g. bundled:peoples-daily); "
+                          "repeat for more")
     ext.add_argument("--vocab-size", type=int, default=20000,
                      help="pieces of the SentencePiece model trained on the texts (Chinese-LLaMA: 20000)")
     ext.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"],
@@ -48,32 +46,6 @@ def register(commands) -> None:
     ext.set_defaults(run=run_extend)
 
 
-def read_texts(source: str) -> Iterator[str]:
-    """The texts of a .txt file (one a line), a .jsonl file (field 'text') or a bundled corpus."""
-    if source.startswith("bundled:"):
-        from mixtral_jax.corpora import bundled_texts
-
-        yield from bundled_texts(source.removeprefix("bundled:"))
-        return
-    if not source.endswith(TEXT_SUFFIXES):
-        raise ValueError(f"{source}: expected a .txt or .jsonl file, or bundled:NAME")
-    if not os.path.isfile(source):
-        raise FileNotFoundError(f"{source}: no such file")
-    with open(source, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if source.endswith(".txt"):
-                yield line.rstrip("\n")
-            elif line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{source}:{number}: not a JSON object ({err.msg})") from None
-                text = record.get("text") if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise ValueError(f"{source}:{number}: field 'text' is missing or not a string")
-                yield text
-
-
 def extend(model: str, sources: list[str], out: str, vocab_size: int = 20000, model_type: str = "bpe",
            character_coverage: float = 0.9995, tokenizer: str | None = None, dtype: str = "keep",
            max_shard_size: str = "5GB", overwrite: bool = False, show_progress: bool = True) -> dict:
@@ -82,6 +54,7 @@ def extend(model: str, sources: list[str], out: str, vocab_size: int = 20000, mo
     from mixtral_jax.hf_checkpoint import write_pretrained
     from mixtral_jax.layer_tensors import open_source
     from mixtral_jax.safetensors_io import CheckpointError
+    from mixtral_jax.texts import read_texts
     from mixtral_jax.tokenizer import TokenizerError, default_tokenizer_path, model_tokenizer_path
     from mixtral_jax.vocab import (TOKENIZER_FILES, ResizedSource, merge_pieces, read_model, train_sentencepiece,
                                    unreachable_pieces, write_tokenizer_files)

@@ -13,7 +13,7 @@ from itertools import islice
 
 import pytest
 
-from train.data import read_texts
+from mixtral_jax.texts import read_texts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3

@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from mixtral_jax import checkpoint, paths
+from mixtral_jax import checkpoint, paths, texts as text_sources
 from mixtral_jax.config import ConfigError
 from mixtral_jax.distributed import global_batch, host_rows, initialize
 from mixtral_jax.flops import chip_peak_flops, flop_counts, measure_matmul_peak
@@ -54,7 +54,7 @@ def build_arrays(config: TrainConfig, sources, tokenizer, replay: bool = False) 
     data = config.data
     if data.kind == "pretrain":
         def blocks_of(source_list):
-            texts = (text for source in source_list for text in data_lib.read_texts(source, data.text_field))
+            texts = (text for source in source_list for text in text_sources.read_texts(source, data.text_field))
             return data_lib.pretrain_blocks(texts, tokenizer, data.seq_len, data.group_lines)
         blocks = blocks_of(sources)
         if replay and data.replay and data.replay_share:

@@ -16,7 +16,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from mixtral_jax.tokenizer import instruct_prompt
-from train.data import DataError, json_records
+from mixtral_jax.texts import DataError, json_records
 
 IGNORE = -100
 Example = tuple[list[int], list[int]]  # (input_ids, labels)
