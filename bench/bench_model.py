@@ -235,7 +235,6 @@ def bench_config(name: str, backends: list[str], repeats: int, all_decode: bool,
                       f"identical {same}", file=sys.stderr)
             if breakdown and backend == (DEFAULT_BACKEND if DEFAULT_BACKEND in backends else backends[0]):
                 result["breakdown"] = component_breakdown(model, hf, cfg, repeats, peak, backend)
-            del model, state, dstate, forward
     return result
 
 

@@ -26,7 +26,7 @@ from mixtral_jax.host_arrays import BufferRing, transpose_into
 from mixtral_jax.lora import LoRAParam, LoraConfig, init_adapters
 from mixtral_jax.model import Mixtral
 from mixtral_jax.output_dir import output_directory
-from mixtral_jax.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from mixtral_jax.safetensors_io import CheckpointError, SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -275,48 +275,18 @@ def _placement(model, mesh) -> Callable[[str, np.ndarray], jax.Array]:
 # ------------------------------------------------------------------------------------------------ writing
 def save_pretrained(model: Mixtral, path: str | os.PathLike, *, max_shard_bytes: int | None = None,
                     dtype: str | None = None, overwrite: bool = False) -> None:
-    """Writes config.json, generation_config.json and legacy-layout safetensors (sharded past max_shard_bytes).
+    """Writes config.json, generation_config.json and legacy-layout safetensors (sharded past max_shard_bytes),
+    through `write_pretrained`: one layer-tensor at a time comes from the devices to the host.
 
     The directory is assembled under a temporary name beside `path` and renamed when complete.
     """
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise CheckpointError(f"{path}: already exists (pass overwrite=True to replace it)")
-    config = model.config
-    out_dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
-    params = {name: var for name, var in _named_params(model)}
-    tensors = [(m.hf_key, m) for m in legacy_mappings(config)]
+    params = dict(_named_params(model))
 
-    with output_directory(path) as tmp:
-        shards, current, current_bytes = [], [], 0
-        for key, m in tensors:
-            nbytes = out_dtype.itemsize * int(np.prod(m.hf_shape))
-            if current and max_shard_bytes is not None and current_bytes + nbytes > max_shard_bytes:
-                shards.append(current)
-                current, current_bytes = [], 0
-            current.append((key, m))
-            current_bytes += nbytes
-        shards.append(current)
-        host = {name: None for name in params}  # each parameter fetched from the device once, when first needed
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            filename = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            arrays = []
-            for key, m in shard:
-                if host[m.param] is None:
-                    host[m.param] = np.asarray(jax.device_get(params[m.param][...]))
-                arrays.append((key, np.ascontiguousarray(ours_to_hf(m, host[m.param][m.index])).astype(out_dtype)))
-                weight_map[key] = filename
-            write_safetensors(os.path.join(tmp, filename), arrays)
-        if len(shards) > 1:
-            total = sum(out_dtype.itemsize * int(np.prod(m.hf_shape)) for _, m in tensors)
-            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        hf_config = {**config.to_hf(), "torch_dtype": str(out_dtype)}
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2)
-        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}, f, indent=2)
+    def read(param: str, layer: int | None) -> np.ndarray:
+        value = params[param][...]
+        return np.asarray(jax.device_get(value if layer is None else value[layer]))
+
+    write_pretrained(model.config, read, path, max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
 
 
 def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np.ndarray], path: str | os.PathLike,

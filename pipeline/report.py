@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 
+from mixtral_jax.config import read_json_object
 from pipeline.stages import Paths
 
 
 def _read(path: str) -> dict | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A stage's JSON result, or None where the stage has not run (yet)."""
+    return read_json_object(path) if os.path.isfile(path) else None
 
 
 MODELS = ("base", "pretrained", "adapted")  # before, after pre-training, after SFT (the release's weights)

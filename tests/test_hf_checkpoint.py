@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from mixtral_jax import hf_checkpoint
 from mixtral_jax.config import ConfigError, MixtralConfig
 from mixtral_jax.hf_checkpoint import from_pretrained, legacy_mappings, save_pretrained
-from mixtral_jax.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from mixtral_jax.safetensors_io import CheckpointError, SafetensorsFile
 
 NAME = "gqa2_top2"  # one config is enough here; the parity tests cover the others
 SHARD_BYTES = 20_000  # the tiny model is ~160 KB in fp32: this gives several shards
@@ -283,15 +283,18 @@ def test_save_refuses_existing_dir_unless_overwrite(legacy_model, tmp_path):
 
 
 def test_failed_save_leaves_nothing_behind(legacy_model, tmp_path, monkeypatch):
-    calls = []
+    from mixtral_jax import direct_io
 
-    def failing_write(path, tensors, metadata=None):
+    calls = []
+    real_init = direct_io.DirectFile.__init__
+
+    def failing_open(self, path, *args, **kwargs):
         calls.append(path)
         if len(calls) == 2:
             raise OSError("disk full (simulated)")
-        write_safetensors(path, tensors, metadata)
+        real_init(self, path, *args, **kwargs)
 
-    monkeypatch.setattr(hf_checkpoint, "write_safetensors", failing_write)
+    monkeypatch.setattr(direct_io.DirectFile, "__init__", failing_open)
     fresh = tmp_path / "fresh"
     with pytest.raises(OSError, match="simulated"):
         save_pretrained(legacy_model, fresh, max_shard_bytes=SHARD_BYTES)
@@ -305,7 +308,7 @@ def test_failed_save_leaves_nothing_behind(legacy_model, tmp_path, monkeypatch):
     save_pretrained(legacy_model, existing)
     before = {n: (existing / n).read_bytes() for n in os.listdir(existing)}
     calls.clear()
-    monkeypatch.setattr(hf_checkpoint, "write_safetensors", failing_write)
+    monkeypatch.setattr(direct_io.DirectFile, "__init__", failing_open)
     with pytest.raises(OSError, match="simulated"):
         save_pretrained(legacy_model, existing, max_shard_bytes=SHARD_BYTES, overwrite=True)
     assert {n: (existing / n).read_bytes() for n in os.listdir(existing)} == before
