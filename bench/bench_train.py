@@ -179,6 +179,7 @@ def run_ours(args) -> dict:
     import numpy as np
     from flax import nnx
 
+    from mixtral_jax import kernels
     from mixtral_jax.config import MixtralConfig, parse_overrides
     from mixtral_jax.lora import LoraConfig, LoRAParam
     from mixtral_jax.model import Mixtral
@@ -246,7 +247,9 @@ def run_ours(args) -> dict:
     flops_per_token = model_train_flops_per_token(cfg, args.seq, args.mode)
     result = {
         "program": "mixtral-jax", "config": args.config, "mode": args.mode, "batch": args.batch, "seq": args.seq,
-        "steps": args.steps, "moe_backend": cfg.moe_backend, "grouped_matmul": cfg.grouped_matmul,
+        "steps": args.steps, "moe_backend": cfg.moe_backend,
+        "grouped_matmul": kernels.grouped_matmul_kind(cfg.grouped_matmul),
+        "attention": kernels.attention_implementation(cfg.attention_implementation, cfg.dtype),
         **_summary(times, first, tokens), **memory,
         "peak_flops_per_s": peak, "peak_source": peak_source,
         "train_flops_per_token": flops_per_token,

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mixtral_jax import kernels
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.lora import LoraConfig, adapter_of, attach, project
 from mixtral_jax.quantized import read
@@ -111,15 +112,16 @@ class Attention(nnx.Module):
         return project(out, read(self.o_proj, dtype), adapter_of(self, "o_proj", dtype, dropout_key), 2), (k, v)
 
 
-def grouped_query_attention(q, k, v, mask, implementation: str = "xla"):
+def grouped_query_attention(q, k, v, mask, implementation: str = "auto"):
     """q [B, T, H, hd], k/v [B, S, KV, hd], mask [B, T, S]; scaled by hd**-0.5, scores and softmax in fp32.
 
     `implementation="cudnn"` is cuDNN's fused (flash) attention on NVIDIA GPUs, bf16/fp16 only: the scores
     are never materialised; the mask travels as an additive bias."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None],
+                                        implementation=kernels.attention_implementation(implementation, q.dtype))
 
 
-def attend(q, k, v, mask, chunk: int | None = None, implementation: str = "xla"):
+def attend(q, k, v, mask, chunk: int | None = None, implementation: str = "auto"):
     """Attention under a `Visibility` or a [B, T, S] bool mask; with `chunk` set and T > chunk, in query
     blocks of `chunk` rows (`chunked_attention`), which gives the same numbers in O(chunk * S) memory."""
     if isinstance(mask, Visibility):
@@ -129,7 +131,7 @@ def attend(q, k, v, mask, chunk: int | None = None, implementation: str = "xla")
     return grouped_query_attention(q, k, v, mask, implementation)
 
 
-def chunked_attention(q, k, v, visible: Visibility, chunk: int, implementation: str = "xla"):
+def chunked_attention(q, k, v, visible: Visibility, chunk: int, implementation: str = "auto"):
     """q [B, T, H, hd], k/v [B, S, KV, hd]: `jax.lax.map` over blocks of `chunk` queries, each attending to
     every key with its own [B, chunk, S] mask built from slots and segments inside the loop. Peak memory is
     one block's scores, [B, H, chunk, S] fp32, instead of [B, H, T, S]. T is padded to a multiple of `chunk`

@@ -20,8 +20,8 @@ class ConfigError(ValueError):
 
 
 MOE_BACKENDS = ("dense", "dropless", "capacity")
-GROUPED_MATMULS = ("ragged_dot", "mosaic_gpu", "blocked")
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+GROUPED_MATMULS = ("auto", "ragged_dot", "mosaic_gpu", "blocked")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -70,7 +70,9 @@ class MixtralConfig:
     eos_token_id: int = 2
     # Implementation (ours).
     moe_backend: str = "dropless"
-    grouped_matmul: str = "blocked"  # dropless experts: "ragged_dot" (TPU), "mosaic_gpu" (H100/H200), "blocked" (CPU)
+    # The dropless experts' product: "mosaic_gpu" (Hopper GPUs), "ragged_dot" (TPU), "blocked" (CPU); "auto"
+    # picks by the default device (kernels.py).
+    grouped_matmul: str = "auto"
     moe_block_size: int = 128  # rows per block of the "blocked" grouped product
     capacity_factor: float = 2.0
     dtype: str = "float32"  # compute dtype
@@ -78,7 +80,7 @@ class MixtralConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_chunk: int | None = None  # attend in blocks of this many queries when longer (bounded memory)
-    attention_implementation: str = "xla"  # "cudnn": cuDNN's fused attention (NVIDIA GPUs, bf16/fp16)
+    attention_implementation: str = "auto"  # "cudnn" (NVIDIA GPUs, bf16/fp16), "xla"; "auto" picks (kernels.py)
 
     def __post_init__(self):
         self.validate()

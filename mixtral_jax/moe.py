@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec
 
 from mixtral_jax import gmm_gpu
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.kernels import grouped_matmul_kind
 from mixtral_jax.lora import Adapter, LoraConfig, adapter_of, attach, project
 from mixtral_jax.quantized import read
 from mixtral_jax.sharding import active_mesh, constrain, logical_to_spec
@@ -219,9 +220,10 @@ def dropless_expert_parallel(x, expert_ids, expert_weights, w1, w2, w3, config: 
 
 def grouped_product(config: MixtralConfig, group_sizes: jax.Array):
     """The configured grouped product `matmul(rows, weights)` for rows sorted into groups of `group_sizes`."""
-    if config.grouped_matmul == "ragged_dot":
+    kind = grouped_matmul_kind(config.grouped_matmul)
+    if kind == "ragged_dot":
         return lambda rows, weights: jax.lax.ragged_dot(rows, weights, group_sizes)
-    if config.grouped_matmul == "mosaic_gpu":
+    if kind == "mosaic_gpu":
         return lambda rows, weights: gmm_gpu.grouped_matmul(rows, weights, group_sizes)
     return lambda rows, weights: blocked_grouped_matmul(rows, weights, group_sizes, config.moe_block_size)
 

@@ -1,12 +1,14 @@
 """gmm_gpu's wiring on the CPU: the Hopper kernels replaced by fakes that check the real kernels' input rules
 and compute the reference products, so the product, its gradients, the fallback and the unwritten rows past
-the last group are tested here; `bench/bench_gmm.py` runs the real kernels against ragged_dot on a GPU."""
+the last group are tested here; `bench/bench_gpu_kernels.py` runs the real kernels against ragged_dot on a GPU."""
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixtral_jax import gmm_gpu
+from mixtral_jax import gmm_gpu, kernels
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.moe import dropless_experts, route
 
@@ -86,10 +88,13 @@ def test_shapes_the_tiles_do_not_take_fall_back_to_ragged_dot(kernel_calls):
     assert kernel_calls == []
 
 
-def test_the_moe_block_on_the_kernels_equals_the_blocked_backend(kernel_calls):
+def test_the_moe_block_on_the_kernels_equals_the_blocked_backend(kernel_calls, monkeypatch):
+    """grouped_matmul="auto" on a Hopper GPU (faked) takes the kernels."""
+    monkeypatch.setattr(kernels, "default_device", lambda: SimpleNamespace(
+        platform="gpu", device_kind="NVIDIA H200", compute_capability="9.0"))
     config = MixtralConfig(vocab_size=64, hidden_size=128, intermediate_size=192, num_hidden_layers=1,
                            num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
-                           dtype="bfloat16", grouped_matmul="mosaic_gpu")
+                           dtype="bfloat16", grouped_matmul="auto")
     keys = jax.random.split(jax.random.key(2), 5)
     x = jax.random.normal(keys[0], (2, 8, 128), jnp.bfloat16)
     w1, w3 = (0.1 * jax.random.normal(key, (4, 128, 192), jnp.bfloat16) for key in keys[1:3])
