@@ -49,8 +49,10 @@ def transpose_into(src: np.ndarray, out: np.ndarray, threads: int = 2) -> np.nda
 
 
 def _units_apply(src: np.ndarray, out: np.ndarray) -> bool:
-    """Whether a row of `src` splits into whole 16-byte units (and no cast or odd layout is involved)."""
-    return (src.dtype == out.dtype and src.flags.c_contiguous and out.flags.c_contiguous
+    """Whether a row of `src` splits into whole 16-byte units (and no cast or odd layout is involved). `out`
+    may be a block of columns of a larger matrix (its rows contiguous), as the converters' row-block reads
+    fill."""
+    return (src.dtype == out.dtype and src.flags.c_contiguous and out.strides[1] == out.itemsize
             and _UNIT % src.itemsize == 0 and (src.shape[1] * src.itemsize) % _UNIT == 0)
 
 
@@ -67,7 +69,7 @@ def _by_units(src: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
     units = src.view(np.uint8).reshape(rows, cols * src.itemsize).view(np.complex128)  # [rows, groups]
     scratch = np.empty((groups, _BLOCK, per_unit), src.dtype)
     scratch_units = scratch.view(np.uint8).reshape(groups, _BLOCK * _UNIT).view(np.complex128)
-    grouped_out = out.reshape(groups, per_unit, rows)
+    grouped_out = out.reshape(groups, per_unit, rows, copy=False)  # a view, also of a column block
     for i in range(lo, hi, _BLOCK):
         j = min(i + _BLOCK, hi)
         scratch_units[:, :j - i] = units[i:j].T  # scratch[g, r, :] = src[i + r, g*per_unit:(g+1)*per_unit]

@@ -7,7 +7,8 @@ outside the decoder layers (embed_tokens, norm.weight, lm_head). Converters and 
 walk `items()` and call `read`, so no more than one layer-tensor is on the host at a time; `read_part(param,
 layer, inner)` reads one expert's matrix of a layer-tensor (inner = (e,)), so the converters and `verify` hold
 one expert (117 MB at Mixtral-8x7B's widths, against 940 MB for the layer-tensor). The HF reader copies with
-plain file reads (no memory map: its touched pages would count towards the resident memory).
+plain file reads (no memory map: its touched pages would count towards the resident memory), into page-aligned
+arrays, which the converters write to disk with O_DIRECT without another copy (direct_io.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.direct_io import aligned_empty
 from mixtral_jax.hf_checkpoint import (CheckpointFiles, TensorMapping, _named_params, detect_mappings,
                                        legacy_mappings)
 from mixtral_jax.host_arrays import transpose_into
@@ -95,7 +97,7 @@ class HFSource:
 
     def read(self, param: str, layer: int | None) -> np.ndarray:
         shape, dtype = self.shapes[param]
-        buffer = np.empty(shape, np.dtype(dtype))
+        buffer = aligned_empty(shape, dtype)
         for m in self.groups[(param, layer)]:
             self._fill(m, buffer[split_index(m)[1]])
         return buffer
@@ -106,7 +108,7 @@ class HFSource:
         if not inner:
             return self.read(param, layer)
         shape, dtype = self.shapes[param]
-        out = np.empty(shape[len(inner):], np.dtype(dtype))
+        out = aligned_empty(shape[len(inner):], dtype)
         for m in self.groups[(param, layer)]:
             index = split_index(m)[1]
             if m.kind.startswith("fused_") and len(inner) == 1:
