@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from mixtral_jax.direct_io import aligned_empty
+
 _UNIT = 16  # bytes moved per element of the first copy
 _BLOCK = 256  # rows of `src` per block
 _BITS = (1, 2, 4, 8)  # element sizes copied as unsigned integers
@@ -81,7 +83,7 @@ class BufferRing:
     stays valid until `depth` more buffers of its shape were taken, so a producer that is at most `depth - 1`
     arrays ahead of its consumer never overwrites one in use. Arrays under `min_bytes` are allocated fresh,
     and shapes beyond the `max_shapes` most recently used are dropped, so the ring holds at most
-    `depth * max_shapes` large buffers."""
+    `depth * max_shapes` large buffers. They are page-aligned, so O_DIRECT writes them without a copy."""
 
     def __init__(self, depth: int = 2, min_bytes: int = 16 << 20, max_shapes: int = 2):
         self.depth, self.min_bytes, self.max_shapes = depth, min_bytes, max_shapes
@@ -101,7 +103,7 @@ class BufferRing:
             index = turn[0] % self.depth
             turn[0] += 1
             if index == len(buffers):
-                buffers.append(np.empty(shape, dtype))
+                buffers.append(aligned_empty(shape, dtype))
             return buffers[index]
 
 

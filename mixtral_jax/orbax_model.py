@@ -64,7 +64,7 @@ from mixtral_jax.hf_checkpoint import _named_params
 from mixtral_jax.layer_tensors import HFSource, Item, extra_files, ordered_items
 from mixtral_jax.lora import LoRAParam, LoraConfig, init_adapters
 from mixtral_jax.model import Mixtral
-from mixtral_jax.orbax_files import PyTreeWriter
+from mixtral_jax.orbax_files import PyTreeWriter, read_into
 from mixtral_jax.output_dir import output_directory
 from mixtral_jax.quantized import QUANTIZED, NF4Weight, dequantize_weight, quantize_base, quantize_weight
 from mixtral_jax.safetensors_io import CheckpointError
@@ -217,19 +217,29 @@ class Weights:
         return self._owners
 
     def load(self, tree: dict) -> dict:
-        """`_load` over the parts: each part restores the leaves of `tree` it holds."""
-        if len(self.parts) == 1:
-            return _load(self.parts[0], tree)
-        owners, split = self.owners(), {}
-        for keys, leaf in _flat(tree).items():
-            if keys not in owners:
-                raise CheckpointError(f"{self.directory}: no weights part holds {'/'.join(keys)}")
-            _nest(keys, leaf, split.setdefault(owners[keys], {}))
+        """`_load` over the parts: each part restores the leaves of `tree` it holds. Host leaves (numpy
+        arrays, as `OrbaxSource` asks) stored as orbax_files writes them are read straight into those arrays,
+        without Orbax."""
         restored: dict = {}
+        split: dict = {}
+        for keys, leaf in _flat(tree).items():
+            part = self._part_of(keys)
+            if isinstance(leaf, np.ndarray) and read_into(self.parts[part], keys, leaf):
+                _nest(keys, leaf, restored)
+            else:
+                _nest(keys, leaf, split.setdefault(part, {}))
         for i, subtree in split.items():
             for keys, leaf in _flat(_load(self.parts[i], subtree)).items():
                 _nest(keys, leaf, restored)
         return restored
+
+    def _part_of(self, keys: tuple[str, ...]) -> int:
+        if len(self.parts) == 1:
+            return 0
+        owners = self.owners()
+        if keys not in owners:
+            raise CheckpointError(f"{self.directory}: no weights part holds {'/'.join(keys)}")
+        return owners[keys]
 
 
 def _first_key(tree) -> str:

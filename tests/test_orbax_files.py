@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mixtral_jax.orbax_files import PyTreeWriter, crc32c
+from mixtral_jax.orbax_files import PyTreeWriter, crc32c, read_into
 from mixtral_jax.orbax_model import _flat
 from mixtral_jax.sharding import make_mesh
 
@@ -25,6 +25,15 @@ def _tree() -> dict:
                                "norm": np.ones(5, np.float32)}},
             "packed": rng.integers(0, 256, (64, 10), dtype=np.uint8),
             "zeros": np.zeros((7, 3), np.float32)}
+
+
+def _written(directory, tree: dict, leaves=None) -> str:
+    """`tree` written with PyTreeWriter (its leaves in the order given)."""
+    writer = PyTreeWriter(directory)
+    for keys, leaf in leaves or _flat(tree).items():
+        writer.write(keys, leaf)
+    writer.finalize()
+    return str(directory)
 
 
 def _files(directory) -> dict[str, bytes]:
@@ -43,10 +52,7 @@ def test_files_equal_orbax_save_pytree(tmp_path):
     ctx.array.saving.use_compression = False
     with ctx:
         ocp.save(tmp_path / "orbax", tree)
-    writer = PyTreeWriter(tmp_path / "ours")
-    for keys, leaf in reversed(list(_flat(tree).items())):  # any order
-        writer.write(keys, leaf)
-    writer.finalize()
+    _written(tmp_path / "ours", tree, reversed(list(_flat(tree).items())))  # any order
     theirs, ours = _files(tmp_path / "orbax"), _files(tmp_path / "ours")
     assert sorted(ours) == sorted(theirs)
     assert "state/layers.000.w1.003/c/0/0/0" in ours and "state/norm" not in ours
@@ -60,10 +66,7 @@ def test_files_equal_orbax_save_pytree(tmp_path):
 
 def test_orbax_restores_it_onto_a_mesh(tmp_path):
     tree = _tree()
-    writer = PyTreeWriter(tmp_path / "ours")
-    for keys, leaf in _flat(tree).items():
-        writer.write(keys, leaf)
-    writer.finalize()
+    _written(tmp_path / "ours", tree)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), tree, ocp.load(tmp_path / "ours"))
     mesh = make_mesh("fsdp=2,expert=4")
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert", "fsdp"))
@@ -81,3 +84,22 @@ def test_a_key_written_twice_is_refused(tmp_path):
     writer.write(("a",), np.zeros(3, np.float32))
     with pytest.raises(FileExistsError):
         writer.write(("a",), np.zeros(3, np.float32))
+
+
+def test_read_into_reads_our_files_and_declines_any_other_layout(tmp_path):
+    tree = _tree()
+    _written(tmp_path / "ours", tree)
+    for keys, leaf in _flat(tree).items():
+        out = np.empty_like(leaf)
+        assert read_into(tmp_path / "ours", keys, out)
+        assert np.array_equal(out.view(np.uint8), leaf.view(np.uint8)), keys
+    assert not read_into(tmp_path / "ours", ("packed",), np.empty((64, 10), np.int8))  # another dtype
+    assert not read_into(tmp_path / "ours", ("packed",), np.empty((10, 64), np.uint8))  # another shape
+    assert not read_into(tmp_path / "ours", ("absent",), np.empty((3,), np.uint8))
+    ocp.save(tmp_path / "ocdbt", tree)  # Orbax's default: OCDBT (and zstd)
+    assert not read_into(tmp_path / "ocdbt", ("packed",), np.empty((64, 10), np.uint8))
+    shard = tmp_path / "ours" / "state" / "packed" / "c" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 1  # the shard index's checksum
+    shard.write_bytes(bytes(raw))
+    assert not read_into(tmp_path / "ours", ("packed",), np.empty((64, 10), np.uint8))

@@ -197,6 +197,22 @@ def test_two_part_ocdbt_checkpoints_of_earlier_versions_are_still_read(orbax_dir
     want = jax.tree.map(np.asarray, nnx.state(from_pretrained(orbax_dir), nnx.Param))
     got = jax.tree.map(np.asarray, nnx.state(from_pretrained(str(old)), nnx.Param))
     jax.tree.map(np.testing.assert_array_equal, want, got)
+    new, earlier = orbax_model.OrbaxSource(orbax_dir), orbax_model.OrbaxSource(str(old))  # read through Orbax
+    for item in [("layers.block_sparse_moe.w2", 1), ("lm_head", None), ("layers.self_attn.o_proj", 0)]:
+        np.testing.assert_array_equal(earlier.read(*item), new.read(*item))
+
+
+def test_host_reads_of_our_layout_bypass_orbax(orbax_dir, monkeypatch):
+    """OrbaxSource (the converters back to HF, verify) reads our files with plain reads (orbax_files.read_into)."""
+    want = orbax_model.OrbaxSource(orbax_dir).read("layers.block_sparse_moe.w1", 1)
+
+    def no_orbax(*args):
+        raise AssertionError("Orbax was asked")
+
+    monkeypatch.setattr(orbax_model, "_load", no_orbax)
+    source = orbax_model.OrbaxSource(orbax_dir)
+    np.testing.assert_array_equal(source.read("layers.block_sparse_moe.w1", 1), want)
+    assert source.read("embed_tokens", None).shape == (128, 32)
 
 
 def test_version_1_single_part_is_still_read(orbax_dir, tmp_path):
