@@ -168,9 +168,11 @@ class CheckpointFiles:
     def read(self, key: str) -> np.ndarray:
         return self.files[self.location[key]].get(key)
 
-    def read_copy(self, key: str, prefix: tuple[int, ...] = (), rows: slice | None = None) -> np.ndarray:
-        """`tensor[prefix][rows]` copied with plain file reads (see SafetensorsFile.read): nothing stays mapped."""
-        return self.files[self.location[key]].read(key, prefix, rows)
+    def read_copy(self, key: str, prefix: tuple[int, ...] = (), rows: slice | None = None,
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """`tensor[prefix][rows]` copied with plain file reads (see SafetensorsFile.read), into `out` if
+        given: nothing stays mapped."""
+        return self.files[self.location[key]].read(key, prefix, rows, out)
 
     def shape(self, key: str) -> tuple:
         return self.files[self.location[key]].shape(key)

@@ -14,6 +14,7 @@ arrays, which the converters write to disk with O_DIRECT without another copy (d
 from __future__ import annotations
 
 import os
+import threading
 from typing import Iterator
 
 import jax
@@ -78,6 +79,7 @@ class HFSource:
             self.groups.setdefault((m.param, split_index(m)[0]), []).append(m)
         self.shapes = layer_shapes(self.config)
         self._counted: set[str] = set()
+        self._blocks = threading.local()
 
     def items(self) -> list[Item]:
         return ordered_items(self.config)
@@ -95,20 +97,22 @@ class HFSource:
                 total += self.files.dtype(m.hf_key).itemsize * int(np.prod(self.files.shape(m.hf_key), dtype=np.int64))
         return total
 
-    def read(self, param: str, layer: int | None) -> np.ndarray:
+    def read(self, param: str, layer: int | None, out: np.ndarray | None = None) -> np.ndarray:
+        """One layer-tensor, into `out` if given (C-contiguous, of its shape and dtype: `shapes[param]`)."""
         shape, dtype = self.shapes[param]
-        buffer = aligned_empty(shape, dtype)
+        buffer = aligned_empty(shape, dtype) if out is None else out
         for m in self.groups[(param, layer)]:
             self._fill(m, buffer[split_index(m)[1]])
         return buffer
 
-    def read_part(self, param: str, layer: int | None, inner: tuple) -> np.ndarray:
-        """`read(param, layer)[inner]`, reading only the bytes it needs (inner: an expert index, (e,))."""
+    def read_part(self, param: str, layer: int | None, inner: tuple, out: np.ndarray | None = None) -> np.ndarray:
+        """`read(param, layer)[inner]`, reading only the bytes it needs (inner: an expert index, (e,)); into
+        `out` if given."""
         inner = tuple(inner)
         if not inner:
-            return self.read(param, layer)
+            return self.read(param, layer, out)
         shape, dtype = self.shapes[param]
-        out = aligned_empty(shape[len(inner):], dtype)
+        out = aligned_empty(shape[len(inner):], dtype) if out is None else out
         for m in self.groups[(param, layer)]:
             index = split_index(m)[1]
             if m.kind.startswith("fused_") and len(inner) == 1:
@@ -122,21 +126,34 @@ class HFSource:
     def _fill(self, m: TensorMapping, target: np.ndarray, expert: int | None = None) -> None:
         """Our layout of mapping `m` into `target` (C-contiguous; with `expert`, only that expert of a fused
         tensor), read with plain file reads."""
-        if m.kind == "copy":
+        if m.kind == "copy" and target.flags.c_contiguous and target.dtype == self.files.dtype(m.hf_key):
+            self.files.read_copy(m.hf_key, out=target.reshape(m.hf_shape))  # straight into place
+        elif m.kind == "copy":
             target[...] = self.files.read_copy(m.hf_key).reshape(target.shape)
         elif m.kind == "linear":  # read in row blocks, so that a 262 MB LM head is not held twice
             rows, cols = m.hf_shape
             ours = target.reshape(cols, rows)
-            block = max(1, _READ_BLOCK_BYTES // (cols * self.files.dtype(m.hf_key).itemsize))
+            dtype = self.files.dtype(m.hf_key)
+            block = max(1, _READ_BLOCK_BYTES // (cols * dtype.itemsize))
+            scratch = self._block(min(block, rows) * cols, dtype)
             for start in range(0, rows, block):
-                raw = self.files.read_copy(m.hf_key, rows=slice(start, start + block))
-                transpose_into(raw, ours[:, start:start + raw.shape[0]])
+                n = min(block, rows - start)
+                raw = self.files.read_copy(m.hf_key, rows=slice(start, start + n),
+                                           out=scratch[:n * cols].reshape(n, cols))
+                transpose_into(raw, ours[:, start:start + n])
         else:  # fused_w1 / fused_w3: [E, 2F, D] halves; fused_w2: [E, D, F]; each expert transposed
             f = m.hf_shape[1] // 2
             rows = {"fused_w1": slice(0, f), "fused_w3": slice(f, 2 * f)}.get(m.kind)
             for e in range(m.hf_shape[0]) if expert is None else (expert,):
                 raw = self.files.read_copy(m.hf_key, (e,), rows)
                 transpose_into(raw, target[e] if expert is None else target)
+
+    def _block(self, size: int, dtype: np.dtype) -> np.ndarray:
+        """This thread's buffer for row blocks (reused: fresh memory costs the kernel as much as the read)."""
+        held = getattr(self._blocks, "buffer", None)
+        if held is None or held.size < size or held.dtype != dtype:
+            held = self._blocks.buffer = np.empty(size, dtype)
+        return held
 
     def extra_files(self) -> dict[str, str]:
         return extra_files(self.directory)

@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 
 from mixtral_jax.config import MixtralConfig, read_json_object
 from mixtral_jax.hf_checkpoint import _named_params
+from mixtral_jax.host_arrays import BufferRing
 from mixtral_jax.layer_tensors import HFSource, Item, extra_files, ordered_items
 from mixtral_jax.lora import LoRAParam, LoraConfig, init_adapters
 from mixtral_jax.model import Mixtral
@@ -297,42 +298,54 @@ def convert_hf(hf_dir: str, out: str, *, dtype: str | None = None, quantize: str
     return stored
 
 
-def _tasks(source: HFSource, quantize: str) -> list[tuple[tuple[str, ...], Callable, Item | None]]:
-    """(Orbax key, reader of its leaf, the item it completes or None), in the order the source holds them."""
+def _tasks(source: HFSource, quantize: str) -> list[tuple[tuple[str, ...], Callable, Item | None, tuple]]:
+    """(Orbax key, reader of its leaf, the item it completes or None, (shape, dtype) of the buffer the reader
+    fills), in the order the source holds them. A reader takes that buffer (or None: a new one)."""
     config = source.config
     marker = {"version": VERSION, "quantize": quantize}
     axes = ({name: v.get_metadata()["logical_axes"] for name, v in _named_params(abstract_model(config))}
             if quantize == "nf4" else {})
 
-    def nf4(param, layer):  # the packed arrays and the parameter count
-        array = source.read(param, layer)
+    def nf4(param, layer, out=None):  # the packed arrays and the parameter count
+        array = source.read(param, layer, out)
         q = quantize_weight(jnp.asarray(array)[None], axes[param], leading=1)
         return {"packed": np.asarray(q.packed[0]), "absmax": np.asarray(q.absmax[0])}, array.size
 
     experts = config.num_local_experts
     tasks = []
     for param, layer in source.items():
+        shape, dtype = source.shapes[param]
         if per_expert(param, marker):
             tasks += [(expert_key(param, layer, e), functools.partial(source.read_part, param, layer, (e,)),
-                       (param, layer) if e == experts - 1 else None) for e in range(experts)]
+                       (param, layer) if e == experts - 1 else None, (shape[1:], dtype)) for e in range(experts)]
         elif quantize == "nf4" and is_quantized(param):
-            tasks.append((leaf_key(param, layer), functools.partial(nf4, param, layer), (param, layer)))
+            tasks.append((leaf_key(param, layer), functools.partial(nf4, param, layer), (param, layer),
+                          (shape, dtype)))
         else:
-            tasks.append((leaf_key(param, layer), functools.partial(source.read, param, layer), (param, layer)))
+            tasks.append((leaf_key(param, layer), functools.partial(source.read, param, layer), (param, layer),
+                          (shape, dtype)))
     return tasks
 
 
 def _read_ahead(tasks: list) -> Iterator[tuple[tuple[str, ...], object, Item | None]]:
     """(key, leaf, item) for each of `_tasks`' tasks in order, the next `READ_AHEAD` read on other threads
     while the caller writes one: the reads (file copies, transposes) and the O_DIRECT writes overlap, and at
-    most READ_AHEAD + 1 leaves are held. A failed read is raised in order."""
+    most READ_AHEAD + 1 leaves are held. Each read fills a buffer of a ring taken here, in order, when it is
+    submitted, so a buffer comes back only after the leaf that last held it was written (fresh memory for
+    every leaf cost the kernel as much as the copy into it). A failed read is raised in order."""
+    ring = BufferRing(depth=READ_AHEAD + 1)
     with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="read-ahead") as pool:
-        pending = collections.deque(pool.submit(read) for _, read, _ in tasks[:READ_AHEAD])
+
+        def submit(task):
+            _, read, _, (shape, dtype) = task
+            return pool.submit(read, ring.take(shape, dtype))
+
+        pending = collections.deque(submit(task) for task in tasks[:READ_AHEAD])
         try:
-            for i, (key, _, item) in enumerate(tasks):
+            for i, (key, _, item, _) in enumerate(tasks):
                 leaf = pending.popleft().result()
                 if i + READ_AHEAD < len(tasks):
-                    pending.append(pool.submit(tasks[i + READ_AHEAD][1]))
+                    pending.append(submit(tasks[i + READ_AHEAD]))
                 yield key, leaf, item
                 del leaf
         finally:

@@ -170,11 +170,11 @@ def test_failure_mid_conversion_leaves_nothing(hf_dir, tmp_path, monkeypatch):
     calls = []
     real = layer_tensors.HFSource.read
 
-    def failing(self, param, layer):
+    def failing(self, param, layer, out=None):
         calls.append(param)
         if len(calls) == 6:
             raise CheckpointError("disk went away")
-        return real(self, param, layer)
+        return real(self, param, layer, out)
 
     monkeypatch.setattr(layer_tensors.HFSource, "read", failing)
     with pytest.raises(CheckpointError, match="disk went away"):
