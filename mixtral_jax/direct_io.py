@@ -51,9 +51,12 @@ class DirectFile:
         view = memoryview(data).cast("B")
         self.size += len(view)
         whole = len(view) // ALIGNMENT * ALIGNMENT
-        if self.direct and not self._filled and whole and _address(view) % ALIGNMENT == 0:
-            self._write_direct(view[:whole])
-            view = view[whole:]
+        if self.direct and whole and self._filled % ALIGNMENT == 0 and _address(view) % ALIGNMENT == 0:
+            if self._filled:  # whole blocks staged before (a header): out first, so the file stays in order
+                self._flush_stage(self._filled)
+            if self.direct:
+                self._write_direct(view[:whole])
+                view = view[whole:]
         while len(view) and self.direct:
             n = min(len(view), len(self._stage) - self._filled)
             self._stage[self._filled:self._filled + n] = view[:n]
