@@ -22,7 +22,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from mixtral_jax.config import ConfigError, MixtralConfig
-from mixtral_jax.host_arrays import BufferRing, transpose_into
+from mixtral_jax.host_arrays import BufferRing, ThreadBuffer, transpose_into
 from mixtral_jax.lora import LoRAParam, LoraConfig, init_adapters
 from mixtral_jax.model import Mixtral
 from mixtral_jax.output_dir import output_directory
@@ -366,6 +366,8 @@ def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np
     # Each HF tensor's buffer: one being written, `read_ahead` being filled. Taken in order on this thread
     # when the read is submitted, so a buffer comes back only after the tensor that last held it was written.
     ring = BufferRing(depth=read_ahead + 1)
+    parts = ThreadBuffer()  # each read thread's expert matrix in our layout, used up before it reads the next
+    part_dtype = np.dtype(jnp.dtype(config.param_dtype))
 
     def hf_tensor(m: TensorMapping, out: np.ndarray) -> np.ndarray:
         layer = m.index[0] if m.param.startswith("layers.") else None
@@ -373,7 +375,8 @@ def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np
         if read_part is not None and inner:
             with cache_lock:
                 cached[0], cached[1] = None, None
-            ours = np.asarray(read_part(m.param, layer, tuple(inner)))
+            ours = np.asarray(read_part(m.param, layer, tuple(inner),
+                                        parts.take((m.hf_shape[1], m.hf_shape[0]), part_dtype)))
         else:
             with cache_lock:
                 if cached[0] != (m.param, layer):

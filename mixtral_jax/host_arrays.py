@@ -83,6 +83,22 @@ def _by_units(src: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
             grouped_out[g:h, :, i:j] = scratch[:h - g, :j - i, :].transpose(0, 2, 1)
 
 
+class ThreadBuffer:
+    """`take(shape, dtype)`: one scratch buffer per thread, reused (grown when too small), for data that a
+    thread fills and uses up before it asks again."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def take(self, shape, dtype) -> np.ndarray:
+        shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        size = int(np.prod(shape, dtype=np.int64))
+        held = getattr(self._local, "buffer", None)
+        if held is None or held.dtype != dtype or held.size < size:
+            held = self._local.buffer = np.empty(size, dtype)
+        return held[:size].reshape(shape)
+
+
 class BufferRing:
     """`take(shape, dtype)` returns one of `depth` buffers kept for that shape and dtype, in turn: a buffer
     stays valid until `depth` more buffers of its shape were taken, so a producer that is at most `depth - 1`
@@ -112,4 +128,4 @@ class BufferRing:
             return buffers[index]
 
 
-__all__ = ["BufferRing", "transpose_into"]
+__all__ = ["BufferRing", "ThreadBuffer", "transpose_into"]

@@ -73,3 +73,22 @@ def test_ring_hands_out_buffers_in_turn():
     assert ring.take((4, 8), np.uint8).dtype == np.uint8  # dtype is part of the key (and 32 B is below min_bytes)
     small = ring.take((2,), np.float32)
     assert small is not ring.take((2,), np.float32)
+
+
+def test_thread_buffer_is_reused_per_thread_and_grown():
+    import threading
+
+    from mixtral_jax.host_arrays import ThreadBuffer
+
+    scratch = ThreadBuffer()
+    a = scratch.take((4, 8), np.float32)
+    b = scratch.take((8, 2), np.float32)  # smaller: the same memory
+    assert b.shape == (8, 2) and np.shares_memory(a, b)
+    c = scratch.take((10, 8), np.float32)  # larger: a new buffer
+    assert not np.shares_memory(a, c) and scratch.take((3,), np.float32).base is c.base
+    assert scratch.take((3,), np.int32).dtype == np.int32
+    other = []
+    thread = threading.Thread(target=lambda: other.append(scratch.take((10, 8), np.float32)))
+    thread.start()
+    thread.join()
+    assert not np.shares_memory(other[0], c)  # each thread its own

@@ -228,6 +228,20 @@ def test_host_reads_of_our_layout_bypass_orbax(orbax_dir, monkeypatch):
     assert source.read("embed_tokens", None).shape == (128, 32)
 
 
+def test_read_part_fills_a_buffer_that_fits_and_never_casts(sources, orbax_dir):
+    from mixtral_jax.layer_tensors import HFSource
+
+    for source in (orbax_model.OrbaxSource(orbax_dir), HFSource(sources["legacy-fp32-single"])):
+        want = source.read("layers.block_sparse_moe.w2", 1)[2]
+        out = np.zeros(want.shape, want.dtype)
+        assert source.read_part("layers.block_sparse_moe.w2", 1, (2,), out) is out
+        np.testing.assert_array_equal(out, want)
+        wrong = np.zeros(want.shape, np.float16)
+        got = source.read_part("layers.block_sparse_moe.w2", 1, (2,), wrong)
+        assert got is not wrong and got.dtype == want.dtype and not wrong.any()
+        np.testing.assert_array_equal(got, want)
+
+
 def test_version_1_single_part_is_still_read(orbax_dir, tmp_path):
     """Version 1 wrote one Orbax checkpoint at OUT/weights and named it as a string."""
     import shutil
