@@ -90,7 +90,7 @@ def settle(*inputs: str) -> bool:
 
 def timed(argv: list[str]) -> dict:
     """Wall seconds and peak RSS of one command: GNU time's (the largest single process) and, sampled every
-    20 ms, the peak of the RSS summed over its process tree (the converters' writer processes together)."""
+    20 ms, the peak of the RSS summed over its process tree (any child processes together)."""
     import psutil
 
     proc = subprocess.Popen(["/usr/bin/time", "-v", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

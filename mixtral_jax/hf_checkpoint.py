@@ -324,12 +324,14 @@ def save_pretrained(model: Mixtral, path: str | os.PathLike, *, max_shard_bytes:
 def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np.ndarray], path: str | os.PathLike,
                      *, max_shard_bytes: int | None = None, dtype: str | None = None, overwrite: bool = False,
                      extra_files: dict[str, str] | None = None, show_progress: bool = False,
-                     read_part: Callable[[str, int, tuple], np.ndarray] | None = None, read_ahead: int = 1) -> None:
+                     read_part: Callable[[str, int, tuple, np.ndarray], np.ndarray] | None = None,
+                     read_ahead: int = 1) -> None:
     """A streaming `save_pretrained`: `read(param, layer)` returns one layer-tensor in our layout (layer None
     for embed_tokens, norm.weight, lm_head), and it is called once per layer-tensor, in layer order, so the
     host holds one layer-tensor (plus the HF tensor being written) at a time, whatever the model size.
-    With `read_part(param, layer, inner)` (inner: the expert index, e.g. (3,)), the per-expert HF tensors are
-    read one expert at a time instead, so the host holds one expert's matrix (plus its HF transpose).
+    With `read_part(param, layer, inner, out)` (inner: the expert index, e.g. (3,); out: a buffer of the
+    reading thread's to fill where it fits, as in layer_tensors), the per-expert HF tensors are read one expert
+    at a time instead, so the host holds one expert's matrix (plus its HF transpose).
     `read_ahead` tensors are read (and transposed) on as many threads while one is written: more than 1 only
     where `read` and `read_part` are thread-safe.
 
