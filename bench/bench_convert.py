@@ -5,11 +5,11 @@
 Writes a synthetic HF checkpoint (legacy per-expert layout, bf16, two shards) with Mixtral-8x7B's widths
 (hidden 4096, intermediate 14336, 8 experts, 32 heads, 8 kv heads, vocab 32000) and `--layers` layers
 (2: ~6.2 GB), then times, each in its own process under `/usr/bin/time -v`: `cp -r` of that directory,
-`cp -r` followed by `sync` (the durable copy: Orbax's TensorStore writer fsyncs every file it writes, `cp` leaves
-dirty pages behind), `mixtral-jax convert hf-to-orbax` (with one writer, then the default two), `mixtral-jax
-convert orbax-to-hf` and `mixtral-jax convert verify` of the round trip, each from the same state (`settle`).
+`cp -r` followed by `sync` (the durable copy: the converters sync every file they write before publishing
+the output, `cp` leaves dirty pages behind), `mixtral-jax convert hf-to-orbax`, `mixtral-jax convert
+orbax-to-hf` and `mixtral-jax convert verify` of the round trip, each from the same state (`settle`).
 Reports seconds, GB/s of checkpoint bytes, the ratio to `cp`'s rate, and peak RSS: GNU time's (the largest
-single process) and the peak of the sum over the command's processes (hf-to-orbax's writers are processes).
+single process) and the peak of the sum over the command's processes (should a step start any).
 Every layer of the real model has the same tensors, so the peak memory measured here is the real model's;
 time scales with the bytes (the README extrapolates to 93 GB).
 """
@@ -90,7 +90,7 @@ def settle(*inputs: str) -> bool:
 
 def timed(argv: list[str]) -> dict:
     """Wall seconds and peak RSS of one command: GNU time's (the largest single process) and, sampled every
-    20 ms, the peak of the RSS summed over its process tree (the converters' writer processes together)."""
+    20 ms, the peak of the RSS summed over its process tree (any child processes together)."""
     import psutil
 
     proc = subprocess.Popen(["/usr/bin/time", "-v", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -138,9 +138,6 @@ def main(argv=None) -> int:
     settle(hf)
     runs["cp + sync"] = timed(["sh", "-c", f'rm -rf "{copy}" && cp -r "{hf}" "{copy}" && sync'])
     shutil.rmtree(copy)
-    settle(hf)
-    runs["hf-to-orbax, 1 writer"] = timed([*cli, "hf-to-orbax", hf, orbax, "--quiet", "--writers", "1"])
-    shutil.rmtree(orbax)
     settle(hf)
     runs["hf-to-orbax"] = timed([*cli, "hf-to-orbax", hf, orbax, "--quiet"])
     settle(orbax)

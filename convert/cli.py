@@ -52,8 +52,6 @@ def register(commands) -> None:
     _dtype_argument(to_orbax)
     to_orbax.add_argument("--quantize", default="none", choices=["none", "nf4"],
                           help="nf4: store the decoder's linear weights as packed NF4 (the QLoRA base)")
-    to_orbax.add_argument("--writers", type=int, default=None,
-                          help="weight parts: Orbax checkpoints written side by side, one thread each (default 2)")
     _output_arguments(to_orbax)
     to_orbax.set_defaults(run=run_hf_to_orbax)
 
@@ -149,7 +147,7 @@ def run_hf_to_orbax(args) -> int:
     from convert.orbax_hf import hf_to_orbax
 
     summary = hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype, quantize=args.quantize, overwrite=args.overwrite,
-                          writers=args.writers, show_progress=not args.quiet)
+                          show_progress=not args.quiet)
     print(json.dumps({"wrote": args.out, **summary}))
     return 0
 

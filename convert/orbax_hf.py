@@ -12,7 +12,7 @@ import numpy as np
 from mixtral_jax import checkpoint
 from mixtral_jax.hf_checkpoint import legacy_mappings, ours_to_hf_into, write_pretrained
 from mixtral_jax.layer_tensors import HFSource, ModelSource, open_source, split_index
-from mixtral_jax.orbax_model import WRITERS, OrbaxSource, convert_hf, is_orbax_model
+from mixtral_jax.orbax_model import OrbaxSource, convert_hf, is_orbax_model
 from mixtral_jax.safetensors_io import CheckpointError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -33,11 +33,10 @@ def _refuse_existing(out: str, overwrite: bool) -> None:
 
 
 def hf_to_orbax(hf_dir: str, out: str, dtype: str = "keep", quantize: str = "none", overwrite: bool = False,
-                writers: int | None = None, show_progress: bool = True) -> dict:
+                show_progress: bool = True) -> dict:
     _refuse_existing(out, overwrite)
     return convert_hf(hf_dir, out, dtype=None if dtype == "keep" else dtype, quantize=quantize,
-                      overwrite=overwrite, writers=WRITERS if writers is None else writers,
-                      show_progress=show_progress)
+                      overwrite=overwrite, show_progress=show_progress)
 
 
 def merged_run_model(run_dir: str, base: str | None = None, merge_base: str = "full"):

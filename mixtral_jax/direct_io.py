@@ -4,8 +4,11 @@ A buffered write copies every byte into the page cache and leaves it dirty; the 
 writer to the disk's pace once gigabytes are dirty, and the cache evicts what the user was reading. O_DIRECT
 hands the disk the writer's own buffer instead. It needs block-aligned buffers, offsets and lengths, so
 `DirectFile` gathers the bytes in an aligned staging buffer and writes it whole; the last, partial block is
-padded and the file cut back to its true length. Filesystems that refuse O_DIRECT (tmpfs, some FUSE mounts)
-get plain buffered writes of the same bytes.
+padded and the file cut back to its true length. A buffer that starts on a block (`aligned_empty`'s arrays)
+at a block boundary of the file is written straight from where it is, in one call: no copy, and the disk
+gets the whole array's requests queued at once (one 16 MB write at a time wrote 6.3 GB at ~1.0-1.5 GB/s
+here, 128 MB at a time ~2 GB/s). Filesystems that refuse O_DIRECT (tmpfs, some FUSE mounts) get plain
+buffered writes of the same bytes.
 
 On the 2-core CI machine orbax-to-hf's system time fell from 24-26 s to 8-9 s for 6.3 GB (README,
 Performance).
@@ -17,6 +20,8 @@ import errno
 import fcntl
 import mmap
 import os
+
+import numpy as np
 
 ALIGNMENT = 4096  # the logical block size O_DIRECT needs on the filesystems in use (ext4, xfs)
 STAGE_BYTES = 16 << 20
@@ -38,13 +43,20 @@ class DirectFile:
                 raise
             self._fd = os.open(self.path, flags, 0o644)
             self.direct = False
-        self._stage = mmap.mmap(-1, stage_bytes) if self.direct else None  # page-aligned
+        self._stage = _anonymous(stage_bytes) if self.direct else None  # page-aligned
         self._filled = 0
         self.size = 0
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
         self.size += len(view)
+        whole = len(view) // ALIGNMENT * ALIGNMENT
+        if self.direct and whole and self._filled % ALIGNMENT == 0 and _address(view) % ALIGNMENT == 0:
+            if self._filled:  # whole blocks staged before (a header): out first, so the file stays in order
+                self._flush_stage(self._filled)
+            if self.direct:
+                self._write_direct(view[:whole])
+                view = view[whole:]
         while len(view) and self.direct:
             n = min(len(view), len(self._stage) - self._filled)
             self._stage[self._filled:self._filled + n] = view[:n]
@@ -71,20 +83,25 @@ class DirectFile:
                 self._stage.close()
 
     def _flush_stage(self, length: int) -> None:
-        """Writes the stage's first `length` bytes and empties it. A filesystem that opened the file with
-        O_DIRECT but refuses a write (EINVAL, before any byte of it is written) gets the rest of the stage and
-        every later write buffered."""
+        """Writes the stage's first `length` bytes and empties it."""
+        self._write_direct(memoryview(self._stage)[:length], self._filled)
+        self._filled = 0
+
+    def _write_direct(self, view: memoryview, true_length: int | None = None) -> None:
+        """Writes `view` (aligned) whole. A filesystem that opened the file with O_DIRECT but refuses a write
+        (EINVAL, before any byte of it is written) gets the rest, unpadded to `true_length`, and every later
+        write buffered."""
         done = 0
-        while done < length:
+        while done < len(view):
             try:
-                done += os.write(self._fd, memoryview(self._stage)[done:length])
+                done += os.write(self._fd, view[done:])
             except OSError as err:
                 if err.errno != errno.EINVAL or not self.direct:
                     raise
                 fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
                 self.direct = False
-                length = self._filled  # no padding: the file is cut to its size anyway
-        self._filled = 0
+                if true_length is not None:  # no padding: the file is cut to its size anyway
+                    view = view[:true_length]
 
     def __enter__(self) -> DirectFile:
         return self
@@ -98,4 +115,25 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
-__all__ = ["ALIGNMENT", "DirectFile"]
+def _address(view: memoryview) -> int:
+    return np.frombuffer(view, np.uint8).ctypes.data if len(view) else 0
+
+
+def _anonymous(nbytes: int) -> mmap.mmap:
+    """Page-aligned private memory (`mmap.mmap(-1, n)` alone is shared memory, which faults in page by page
+    at several times the cost), in huge pages where the kernel has them, as numpy's own large arrays are."""
+    memory = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    return memory
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """A new array whose buffer starts on a page (freed with the array), which `DirectFile.write` writes
+    without a copy."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.frombuffer(_anonymous(count * dtype.itemsize), dtype, count).reshape(shape)
+
+
+__all__ = ["ALIGNMENT", "DirectFile", "aligned_empty"]

@@ -22,7 +22,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from mixtral_jax.config import ConfigError, MixtralConfig
-from mixtral_jax.host_arrays import BufferRing, transpose_into
+from mixtral_jax.host_arrays import BufferRing, ThreadBuffer, transpose_into
 from mixtral_jax.lora import LoRAParam, LoraConfig, init_adapters
 from mixtral_jax.model import Mixtral
 from mixtral_jax.output_dir import output_directory
@@ -168,9 +168,11 @@ class CheckpointFiles:
     def read(self, key: str) -> np.ndarray:
         return self.files[self.location[key]].get(key)
 
-    def read_copy(self, key: str, prefix: tuple[int, ...] = (), rows: slice | None = None) -> np.ndarray:
-        """`tensor[prefix][rows]` copied with plain file reads (see SafetensorsFile.read): nothing stays mapped."""
-        return self.files[self.location[key]].read(key, prefix, rows)
+    def read_copy(self, key: str, prefix: tuple[int, ...] = (), rows: slice | None = None,
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """`tensor[prefix][rows]` copied with plain file reads (see SafetensorsFile.read), into `out` if
+        given: nothing stays mapped."""
+        return self.files[self.location[key]].read(key, prefix, rows, out)
 
     def shape(self, key: str) -> tuple:
         return self.files[self.location[key]].shape(key)
@@ -292,12 +294,14 @@ def save_pretrained(model: Mixtral, path: str | os.PathLike, *, max_shard_bytes:
 def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np.ndarray], path: str | os.PathLike,
                      *, max_shard_bytes: int | None = None, dtype: str | None = None, overwrite: bool = False,
                      extra_files: dict[str, str] | None = None, show_progress: bool = False,
-                     read_part: Callable[[str, int, tuple], np.ndarray] | None = None, read_ahead: int = 1) -> None:
+                     read_part: Callable[[str, int, tuple, np.ndarray], np.ndarray] | None = None,
+                     read_ahead: int = 1) -> None:
     """A streaming `save_pretrained`: `read(param, layer)` returns one layer-tensor in our layout (layer None
     for embed_tokens, norm.weight, lm_head), and it is called once per layer-tensor, in layer order, so the
     host holds one layer-tensor (plus the HF tensor being written) at a time, whatever the model size.
-    With `read_part(param, layer, inner)` (inner: the expert index, e.g. (3,)), the per-expert HF tensors are
-    read one expert at a time instead, so the host holds one expert's matrix (plus its HF transpose).
+    With `read_part(param, layer, inner, out)` (inner: the expert index, e.g. (3,); out: a buffer of the
+    reading thread's to fill where it fits, as in layer_tensors), the per-expert HF tensors are read one expert
+    at a time instead, so the host holds one expert's matrix (plus its HF transpose).
     `read_ahead` tensors are read (and transposed) on as many threads while one is written: more than 1 only
     where `read` and `read_part` are thread-safe.
 
@@ -334,6 +338,8 @@ def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np
     # Each HF tensor's buffer: one being written, `read_ahead` being filled. Taken in order on this thread
     # when the read is submitted, so a buffer comes back only after the tensor that last held it was written.
     ring = BufferRing(depth=read_ahead + 1)
+    parts = ThreadBuffer()  # each read thread's expert matrix in our layout, used up before it reads the next
+    part_dtype = np.dtype(jnp.dtype(config.param_dtype))
 
     def hf_tensor(m: TensorMapping, out: np.ndarray) -> np.ndarray:
         layer = m.index[0] if m.param.startswith("layers.") else None
@@ -341,7 +347,8 @@ def write_pretrained(config: MixtralConfig, read: Callable[[str, int | None], np
         if read_part is not None and inner:
             with cache_lock:
                 cached[0], cached[1] = None, None
-            ours = np.asarray(read_part(m.param, layer, tuple(inner)))
+            ours = np.asarray(read_part(m.param, layer, tuple(inner),
+                                        parts.take((m.hf_shape[1], m.hf_shape[0]), part_dtype)))
         else:
             with cache_lock:
                 if cached[0] != (m.param, layer):

@@ -6,8 +6,12 @@ our layout without the leading layers axis (w1 of layer 7: [E, D, F]); `layer` i
 outside the decoder layers (embed_tokens, norm.weight, lm_head). Converters and the checkpoint comparison
 walk `items()` and call `read`, so no more than one layer-tensor is on the host at a time; `read_part(param,
 layer, inner)` reads one expert's matrix of a layer-tensor (inner = (e,)), so the converters and `verify` hold
-one expert (117 MB at Mixtral-8x7B's widths, against 940 MB for the layer-tensor). The HF reader copies with
-plain file reads (no memory map: its touched pages would count towards the resident memory).
+one expert (117 MB at Mixtral-8x7B's widths, against 940 MB for the layer-tensor). Both take an optional
+`out`, a buffer the caller reuses: the result is read into it where it has the result's shape and dtype (else
+it is ignored: never a cast), because fresh memory for every 117 MB read cost the kernel as much as the
+read itself. The HF reader copies with
+plain file reads (no memory map: its touched pages would count towards the resident memory), into page-aligned
+arrays, which the converters write to disk with O_DIRECT without another copy (direct_io.py).
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import numpy as np
 from flax import nnx
 
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.direct_io import aligned_empty
 from mixtral_jax.hf_checkpoint import (CheckpointFiles, TensorMapping, _named_params, detect_mappings,
                                        legacy_mappings)
-from mixtral_jax.host_arrays import transpose_into
+from mixtral_jax.host_arrays import ThreadBuffer, transpose_into
 from mixtral_jax.model import Mixtral
 from mixtral_jax.safetensors_io import CheckpointError
 
@@ -76,6 +81,7 @@ class HFSource:
             self.groups.setdefault((m.param, split_index(m)[0]), []).append(m)
         self.shapes = layer_shapes(self.config)
         self._counted: set[str] = set()
+        self._blocks = ThreadBuffer()  # row blocks (fresh memory costs the kernel as much as the read)
 
     def items(self) -> list[Item]:
         return ordered_items(self.config)
@@ -93,20 +99,20 @@ class HFSource:
                 total += self.files.dtype(m.hf_key).itemsize * int(np.prod(self.files.shape(m.hf_key), dtype=np.int64))
         return total
 
-    def read(self, param: str, layer: int | None) -> np.ndarray:
+    def read(self, param: str, layer: int | None, out: np.ndarray | None = None) -> np.ndarray:
         shape, dtype = self.shapes[param]
-        buffer = np.empty(shape, np.dtype(dtype))
+        buffer = _target(out, shape, dtype)
         for m in self.groups[(param, layer)]:
             self._fill(m, buffer[split_index(m)[1]])
         return buffer
 
-    def read_part(self, param: str, layer: int | None, inner: tuple) -> np.ndarray:
+    def read_part(self, param: str, layer: int | None, inner: tuple, out: np.ndarray | None = None) -> np.ndarray:
         """`read(param, layer)[inner]`, reading only the bytes it needs (inner: an expert index, (e,))."""
         inner = tuple(inner)
         if not inner:
-            return self.read(param, layer)
+            return self.read(param, layer, out)
         shape, dtype = self.shapes[param]
-        out = np.empty(shape[len(inner):], np.dtype(dtype))
+        out = _target(out, shape[len(inner):], dtype)
         for m in self.groups[(param, layer)]:
             index = split_index(m)[1]
             if m.kind.startswith("fused_") and len(inner) == 1:
@@ -120,15 +126,20 @@ class HFSource:
     def _fill(self, m: TensorMapping, target: np.ndarray, expert: int | None = None) -> None:
         """Our layout of mapping `m` into `target` (C-contiguous; with `expert`, only that expert of a fused
         tensor), read with plain file reads."""
-        if m.kind == "copy":
+        if m.kind == "copy" and target.flags.c_contiguous and target.dtype == self.files.dtype(m.hf_key):
+            self.files.read_copy(m.hf_key, out=target.reshape(m.hf_shape))  # straight into place
+        elif m.kind == "copy":
             target[...] = self.files.read_copy(m.hf_key).reshape(target.shape)
         elif m.kind == "linear":  # read in row blocks, so that a 262 MB LM head is not held twice
             rows, cols = m.hf_shape
             ours = target.reshape(cols, rows)
-            block = max(1, _READ_BLOCK_BYTES // (cols * self.files.dtype(m.hf_key).itemsize))
+            dtype = self.files.dtype(m.hf_key)
+            block = max(1, _READ_BLOCK_BYTES // (cols * dtype.itemsize))
             for start in range(0, rows, block):
-                raw = self.files.read_copy(m.hf_key, rows=slice(start, start + block))
-                transpose_into(raw, ours[:, start:start + raw.shape[0]])
+                n = min(block, rows - start)
+                raw = self.files.read_copy(m.hf_key, rows=slice(start, start + n),
+                                           out=self._blocks.take((n, cols), dtype))
+                transpose_into(raw, ours[:, start:start + n])
         else:  # fused_w1 / fused_w3: [E, 2F, D] halves; fused_w2: [E, D, F]; each expert transposed
             f = m.hf_shape[1] // 2
             rows = {"fused_w1": slice(0, f), "fused_w3": slice(f, 2 * f)}.get(m.kind)
@@ -163,14 +174,14 @@ class ModelSource:
             value = dequantize_weight(value)
         return np.asarray(jax.device_get(value))
 
-    def read_part(self, param: str, layer: int | None, inner: tuple) -> np.ndarray:
+    def read_part(self, param: str, layer: int | None, inner: tuple, out: np.ndarray | None = None) -> np.ndarray:
         from mixtral_jax.quantized import NF4Weight
 
         value = self.params[param].get_value()
         if isinstance(value, NF4Weight) or not inner:
-            return self.read(param, layer)[tuple(inner)]
+            return into(out, self.read(param, layer)[tuple(inner)])
         index = (layer, *inner) if layer is not None else tuple(inner)
-        return np.asarray(jax.device_get(value[index]))
+        return into(out, np.asarray(jax.device_get(value[index])))
 
     def extra_files(self) -> dict[str, str]:
         return {} if self.directory is None else extra_files(self.directory)
@@ -184,6 +195,22 @@ EXTRA_FILES = ("generation_config.json", "tokenizer.model", "tokenizer.json", "t
 def extra_files(directory: str) -> dict[str, str]:
     return {name: os.path.join(directory, name) for name in EXTRA_FILES
             if os.path.isfile(os.path.join(directory, name))}
+
+
+def _target(out: np.ndarray | None, shape: tuple, dtype) -> np.ndarray:
+    """`out` where it is a C-contiguous array of this shape and dtype, else a new (page-aligned) one."""
+    if out is not None and out.shape == tuple(shape) and out.dtype == np.dtype(dtype) and out.flags.c_contiguous:
+        return out
+    return aligned_empty(shape, dtype)
+
+
+def into(out: np.ndarray | None, array: np.ndarray) -> np.ndarray:
+    """`array`, copied into `out` where `out` has its shape and dtype (the `out` of `read_part`: a buffer the
+    caller reuses; never a cast)."""
+    if out is None or out is array or out.shape != array.shape or out.dtype != array.dtype:
+        return array
+    out[...] = array
+    return out
 
 
 def open_source(path: str, dtype: str | None = None):

@@ -5,11 +5,14 @@ layer-tensor at a time and restored onto any mesh. `mixtral-jax convert hf-to-or
     OUT/config.json              the HF config (`MixtralConfig.to_hf()`), torch_dtype = the stored dtype
     OUT/orbax_model.json         the marker: {"format": "mixtral-jax-orbax-model", "version": 2,
                                  "dtype": stored dtype of the unquantised weights, "quantize": "none" | "nf4",
-                                 "num_hidden_layers": L, "weights": ["weights/0", "weights/1"]}
+                                 "num_hidden_layers": L, "weights": ["weights"]}
     OUT/generation_config.json   and the tokenizer files, copied from the source when it has them
-    OUT/weights/0, weights/1     Orbax PyTree checkpoints (OCDBT + zarr), the weight parts: each key below is in
-                                 exactly one part (which one is read from the parts' metadata). Version 1
-                                 had a single part, `"weights": "weights"`; it is still read.
+    OUT/weights                  an Orbax PyTree checkpoint (zarr3, one directory per key, written by
+                                 orbax_files.py), the weight part. The marker lists the parts: each key below
+                                 is in exactly one of them (which one is read from the parts' metadata), so
+                                 the two OCDBT parts `weights/0`, `weights/1` that earlier versions wrote are
+                                 still read, and so is version 1's single part named as a string,
+                                 `"weights": "weights"`.
         embed_tokens                              [V, D]
         norm/weight                               [D]
         lm_head                                   [D, V]   (absent with tied embeddings)
@@ -26,14 +29,11 @@ layer-tensor at a time and restored onto any mesh. `mixtral-jax convert hf-to-or
       `quantize_base(model)`'s arrays for that layer (so ~0.56 bytes per quantised parameter on disk); the NF4
       experts stay one key per layer-tensor ([E, ...] packed), as quantised from the whole layer-tensor.
 
-Writing uses Orbax's partial saves (`orbax.checkpoint.experimental.v1.partial`): each save adds new keys in a
-new OCDBT sub-database without reading or rewriting the earlier ones, so a writer holds one layer-tensor (one
-expert's matrix for w1-w3) at a time; `finalize` commits the checkpoint. Partial saves into one checkpoint
-cannot overlap, and each waits for its files to reach the disk (TensorStore fsyncs them), so one writer
-leaves the CPU idle much of the time; the leaves are dealt round-robin to `writers` parts, each written by
-its own process (not thread: Orbax keeps the current save's operation id in a global). On the 2-core CI
-machine two writers took hf-to-orbax from ~26 s to ~18 s for 6.3 GB (README, Performance). The whole
-directory is built under a temporary name and renamed when complete (output_dir.py).
+Writing goes leaf by leaf (one layer-tensor, or one expert's matrix for w1-w3), each written with O_DIRECT
+by `orbax_files.PyTreeWriter` while the next two are read and transposed on other threads, so the disk and
+both cores stay busy and at most three leaves are held. Orbax's own partial saves went through the page
+cache at ~3 ms of system time per MB and could not overlap within one process (README, Performance). The
+whole directory is built under a temporary name and renamed when complete (output_dir.py).
 
 Reading restores each of our stacked parameters from its L layer slices, each restored straight onto the
 target sharding (the parameter's sharding without its layers axis, any mesh; an expert's matrix without the
@@ -43,14 +43,14 @@ layer-tensors can be read alone (`OrbaxSource`), which the converters back to HF
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
-import multiprocessing
+import logging
 import os
-import queue
 import threading
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -61,9 +61,11 @@ from tqdm.auto import tqdm
 
 from mixtral_jax.config import MixtralConfig, read_json_object
 from mixtral_jax.hf_checkpoint import _named_params
-from mixtral_jax.layer_tensors import HFSource, Item, extra_files, ordered_items
+from mixtral_jax.host_arrays import BufferRing
+from mixtral_jax.layer_tensors import HFSource, Item, extra_files, into, ordered_items
 from mixtral_jax.lora import LoRAParam, LoraConfig, init_adapters
 from mixtral_jax.model import Mixtral
+from mixtral_jax.orbax_files import PyTreeWriter, read_into
 from mixtral_jax.output_dir import output_directory
 from mixtral_jax.quantized import QUANTIZED, NF4Weight, dequantize_weight, quantize_base, quantize_weight
 from mixtral_jax.safetensors_io import CheckpointError
@@ -74,7 +76,6 @@ READ_VERSIONS = (1, 2)
 EXPERTS = ("w1", "w2", "w3")
 MARKER = "orbax_model.json"
 WEIGHTS = "weights"
-WRITERS = 2
 QUANTIZE = ("none", "nf4")
 
 
@@ -130,12 +131,6 @@ def expert_key(param: str, layer: int, expert: int) -> tuple[str, ...]:
     return (*leaf_key(param, layer), f"{expert:03d}")
 
 
-def _save_context():
-    ctx = _orbax().Context()
-    ctx.array.saving.use_compression = False
-    return ctx
-
-
 def _nest(keys: tuple[str, ...], value, tree: dict | None = None) -> dict:
     tree = {} if tree is None else tree
     node = tree
@@ -169,7 +164,18 @@ def abstract_model(config: MixtralConfig, lora: LoraConfig | None = None, quanti
 def _orbax():
     import orbax.checkpoint.experimental.v1 as ocp
 
+    if not any(isinstance(f, _NoZarr2Warning) for f in logging.getLogger("absl").filters):
+        logging.getLogger("absl").addFilter(_NoZarr2Warning())
     return ocp
+
+
+class _NoZarr2Warning(logging.Filter):
+    """Drops Orbax's "TensorStore data files not found ... malformed checkpoint" warning, which it logs on
+    every load of a checkpoint without OCDBT, ours (orbax_files.py) or its own: it looks for zarr2's
+    `.zarray` files only, and ours are zarr3."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "TensorStore data files not found" not in record.getMessage()
 
 
 def _load(weights: str, tree: dict) -> dict:
@@ -212,19 +218,29 @@ class Weights:
         return self._owners
 
     def load(self, tree: dict) -> dict:
-        """`_load` over the parts: each part restores the leaves of `tree` it holds."""
-        if len(self.parts) == 1:
-            return _load(self.parts[0], tree)
-        owners, split = self.owners(), {}
-        for keys, leaf in _flat(tree).items():
-            if keys not in owners:
-                raise CheckpointError(f"{self.directory}: no weights part holds {'/'.join(keys)}")
-            _nest(keys, leaf, split.setdefault(owners[keys], {}))
+        """`_load` over the parts: each part restores the leaves of `tree` it holds. Host leaves (numpy
+        arrays, as `OrbaxSource` asks) stored as orbax_files writes them are read straight into those arrays,
+        without Orbax."""
         restored: dict = {}
+        split: dict = {}
+        for keys, leaf in _flat(tree).items():
+            part = self._part_of(keys)
+            if isinstance(leaf, np.ndarray) and read_into(self.parts[part], keys, leaf):
+                _nest(keys, leaf, restored)
+            else:
+                _nest(keys, leaf, split.setdefault(part, {}))
         for i, subtree in split.items():
             for keys, leaf in _flat(_load(self.parts[i], subtree)).items():
                 _nest(keys, leaf, restored)
         return restored
+
+    def _part_of(self, keys: tuple[str, ...]) -> int:
+        if len(self.parts) == 1:
+            return 0
+        owners = self.owners()
+        if keys not in owners:
+            raise CheckpointError(f"{self.directory}: no weights part holds {'/'.join(keys)}")
+        return owners[keys]
 
 
 def _first_key(tree) -> str:
@@ -233,46 +249,47 @@ def _first_key(tree) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ writing
+READ_AHEAD = 2  # leaves read (and transposed) ahead of the one being written
+
+
 def convert_hf(hf_dir: str, out: str, *, dtype: str | None = None, quantize: str = "none", overwrite: bool = False,
-               writers: int = WRITERS, show_progress: bool = False) -> dict:
+               show_progress: bool = False) -> dict:
     """Streams an HF directory (legacy or fused layout, sharded or not) into an Orbax model checkpoint at `out`.
 
-    `dtype` None keeps the checkpoint's dtype. `writers` weight parts are written side by side, each by its
-    own process (see the module docstring; 1: in this process). Returns a summary (bytes read and written)."""
+    `dtype` None keeps the checkpoint's dtype. Returns a summary (bytes read and written)."""
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, not {quantize!r}")
-    if writers < 1:
-        raise ValueError(f"writers must be at least 1, not {writers}")
     out = os.fspath(out)
     if os.path.exists(out) and not overwrite:
         raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
     source = HFSource(hf_dir, dtype)
     config = source.config
-    tasks = _tasks(source, quantize)
-    parts = [f"{WEIGHTS}/{k}" for k in range(min(writers, len(tasks)))]
     stored = {"read_bytes": 0, "quantized_params": 0, "quantized_bytes": 0, "other_bytes": 0}
     with output_directory(out) as tmp, tqdm(total=source.total_bytes(), unit="B", unit_scale=True,
                                             desc=f"hf-to-orbax {os.path.basename(out)}",
                                             disable=not show_progress) as bar:
-
-        def saved(stats: dict, item: Item | None) -> None:
-            for name, value in stats.items():
-                stored[name] += value
+        writer = PyTreeWriter(os.path.join(tmp, WEIGHTS))
+        for key, leaf, item in _read_ahead(_tasks(source, quantize)):
+            if isinstance(leaf, tuple):  # NF4
+                leaf, count = leaf
+                stored["quantized_params"] += count
+                for name, array in leaf.items():
+                    writer.write((*key, name), array)
+                    stored["quantized_bytes"] += array.nbytes
+            else:
+                writer.write(key, leaf)
+                stored["other_bytes"] += leaf.nbytes
             if item is not None:
                 read = source.new_bytes(tuple(item))
                 stored["read_bytes"] += read
                 bar.update(read)
-
-        paths = [os.path.join(os.path.abspath(tmp), part) for part in parts]
-        if len(paths) == 1:
-            _write_part(tasks, paths[0], saved)
-        else:
-            _write_parts_in_processes(hf_dir, dtype, quantize, paths, saved)
+            del leaf
+        writer.finalize()
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config.to_hf(), f, indent=2)
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump({"format": FORMAT, "version": VERSION, "dtype": config.param_dtype, "quantize": quantize,
-                       "num_hidden_layers": config.num_hidden_layers, "weights": parts,
+                       "num_hidden_layers": config.num_hidden_layers, "weights": [WEIGHTS],
                        "source": os.path.abspath(hf_dir)}, f, indent=2)
         import shutil
 
@@ -281,102 +298,59 @@ def convert_hf(hf_dir: str, out: str, *, dtype: str | None = None, quantize: str
     return stored
 
 
-def _tasks(source: HFSource, quantize: str) -> list[tuple[tuple[str, ...], Callable, Item | None]]:
-    """(Orbax key, reader of its leaf, the item it completes or None), in the order the source holds them."""
+def _tasks(source: HFSource, quantize: str) -> list[tuple[tuple[str, ...], Callable, Item | None, tuple]]:
+    """(Orbax key, reader of its leaf, the item it completes or None, (shape, dtype) of the buffer the reader
+    fills), in the order the source holds them. A reader takes that buffer (or None: a new one)."""
     config = source.config
     marker = {"version": VERSION, "quantize": quantize}
     axes = ({name: v.get_metadata()["logical_axes"] for name, v in _named_params(abstract_model(config))}
             if quantize == "nf4" else {})
 
-    def nf4(param, layer):  # the packed arrays and the parameter count
-        array = source.read(param, layer)
+    def nf4(param, layer, out=None):  # the packed arrays and the parameter count
+        array = source.read(param, layer, out)
         q = quantize_weight(jnp.asarray(array)[None], axes[param], leading=1)
         return {"packed": np.asarray(q.packed[0]), "absmax": np.asarray(q.absmax[0])}, array.size
 
     experts = config.num_local_experts
     tasks = []
     for param, layer in source.items():
+        shape, dtype = source.shapes[param]
         if per_expert(param, marker):
             tasks += [(expert_key(param, layer, e), functools.partial(source.read_part, param, layer, (e,)),
-                       (param, layer) if e == experts - 1 else None) for e in range(experts)]
+                       (param, layer) if e == experts - 1 else None, (shape[1:], dtype)) for e in range(experts)]
         elif quantize == "nf4" and is_quantized(param):
-            tasks.append((leaf_key(param, layer), functools.partial(nf4, param, layer), (param, layer)))
+            tasks.append((leaf_key(param, layer), functools.partial(nf4, param, layer), (param, layer),
+                          (shape, dtype)))
         else:
-            tasks.append((leaf_key(param, layer), functools.partial(source.read, param, layer), (param, layer)))
+            tasks.append((leaf_key(param, layer), functools.partial(source.read, param, layer), (param, layer),
+                          (shape, dtype)))
     return tasks
 
 
-def _write_part(tasks: list, directory: str, saved, stop=None) -> None:
-    """One weight part of `tasks`' leaves (`_tasks`' form), one partial save each, then `finalize`. The next
-    leaf is read (and transposed) on a second thread while one is saved, so a writer holds at most two
-    leaves. `saved(stats, item)` is told of each leaf; a set `stop` (another writer failed) ends it early."""
-    from orbax.checkpoint.experimental.v1 import partial
+def _read_ahead(tasks: list) -> Iterator[tuple[tuple[str, ...], object, Item | None]]:
+    """(key, leaf, item) for each of `_tasks`' tasks in order, the next `READ_AHEAD` read on other threads
+    while the caller writes one: the reads (file copies, transposes) and the O_DIRECT writes overlap, and at
+    most READ_AHEAD + 1 leaves are held. Each read fills a buffer of a ring taken here, in order, when it is
+    submitted, so a buffer comes back only after the leaf that last held it was written (fresh memory for
+    every leaf cost the kernel as much as the copy into it). A failed read is raised in order."""
+    ring = BufferRing(depth=READ_AHEAD + 1)
+    with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="read-ahead") as pool:
 
-    with _save_context(), ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
-        ahead = pool.submit(tasks[0][1])
-        for i, (key, _, item) in enumerate(tasks):
-            leaf = ahead.result()
-            if stop is not None and stop.is_set():
-                return
-            ahead = pool.submit(tasks[i + 1][1]) if i + 1 < len(tasks) else None
-            if isinstance(leaf, tuple):  # NF4
-                leaf, count = leaf
-                stats = {"quantized_params": count, "quantized_bytes": leaf["packed"].nbytes + leaf["absmax"].nbytes}
-            else:
-                stats = {"other_bytes": leaf.nbytes}
-            partial.save(directory, _nest(key, leaf))
-            saved(stats, item)
-            del leaf
-        partial.finalize(directory)
+        def submit(task):
+            _, read, _, (shape, dtype) = task
+            return pool.submit(read, ring.take(shape, dtype))
 
-
-def _write_parts_in_processes(hf_dir: str, dtype: str | None, quantize: str, paths: list[str], saved) -> None:
-    """`_write_part` for each of `paths` in its own process. Processes, not threads: Orbax keeps the current
-    save's operation id in a global, so saves from two threads of one process wait on each other's signals.
-    The writers report each leaf through a queue; the first failure stops the others and is raised here."""
-    context = multiprocessing.get_context("spawn")  # fork is unsafe once JAX's threads run
-    messages, stop = context.Queue(), context.Event()
-    finished = 0
-    with ProcessPoolExecutor(len(paths), mp_context=context, initializer=_writer_process,
-                             initargs=(messages, stop)) as pool:
-        futures = [pool.submit(_write_part_in_process, hf_dir, dtype, quantize, path, k, len(paths))
-                   for k, path in enumerate(paths)]
+        pending = collections.deque(submit(task) for task in tasks[:READ_AHEAD])
         try:
-            while finished < len(paths):
-                failed = [f for f in futures if f.done() and f.exception() is not None]
-                if failed:
-                    raise failed[0].exception()
-                try:
-                    message = messages.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                if message is None:
-                    finished += 1
-                else:
-                    saved(*message)
-            for future in futures:
-                future.result()
-        except BaseException:
-            stop.set()
-            raise
-
-
-_WRITER: dict = {}
-
-
-def _writer_process(messages, stop) -> None:
-    """A writer process's start: conversion is host work, so JAX stays on the CPU (off the accelerators that
-    the parent may hold)."""
-    jax.config.update("jax_platforms", "cpu")
-    _WRITER.update(messages=messages, stop=stop)
-
-
-def _write_part_in_process(hf_dir: str, dtype: str | None, quantize: str, directory: str, part: int,
-                           parts: int) -> None:
-    messages = _WRITER["messages"]
-    _write_part(_tasks(HFSource(hf_dir, dtype), quantize)[part::parts], directory,
-                lambda stats, item: messages.put((stats, item)), _WRITER["stop"])
-    messages.put(None)
+            for i, (key, _, item, _) in enumerate(tasks):
+                leaf = pending.popleft().result()
+                if i + READ_AHEAD < len(tasks):
+                    pending.append(submit(tasks[i + READ_AHEAD]))
+                yield key, leaf, item
+                del leaf
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -509,18 +483,21 @@ class OrbaxSource:
             return np.asarray(dequantize_weight(q))
         return np.asarray(leaf)
 
-    def read_part(self, param: str, layer: int | None, inner: tuple) -> np.ndarray:
-        """`read(param, layer)[inner]`; an expert's matrix (inner (e,)) of an unquantised checkpoint is one key."""
+    def read_part(self, param: str, layer: int | None, inner: tuple, out: np.ndarray | None = None) -> np.ndarray:
+        """`read(param, layer)[inner]`; an expert's matrix (inner (e,)) of an unquantised checkpoint is one key,
+        read straight into `out` where it fits (layer_tensors)."""
         inner = tuple(inner)
         if layer is not None and len(inner) == 1 and per_expert(param, self.marker):
             value = self.params[param].get_value()
             key = expert_key(param, layer, inner[0])
-            return np.asarray(_get(self.weights.load(_nest(key, np.empty(value.shape[2:], value.dtype))), key))
+            fits = out is not None and out.shape == value.shape[2:] and out.dtype == value.dtype
+            target = out if fits and out.flags.c_contiguous else np.empty(value.shape[2:], value.dtype)
+            return into(out, np.asarray(_get(self.weights.load(_nest(key, target)), key)))
         with self._cache_lock:
             if self._cached[0] != (param, layer):  # a whole layer-tensor, read once for all its experts
                 self._cached = (None, None)
                 self._cached = ((param, layer), self.read(param, layer))
-            return self._cached[1][inner]
+            return into(out, self._cached[1][inner])
 
     def extra_files(self) -> dict[str, str]:
         return extra_files(self.directory)

@@ -19,7 +19,7 @@ from typing import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
-from mixtral_jax.direct_io import DirectFile
+from mixtral_jax.direct_io import ALIGNMENT, DirectFile
 
 
 class CheckpointError(ValueError):
@@ -136,7 +136,8 @@ class SafetensorsFile:
 
 def header_bytes(entries: Iterable[tuple[str, np.dtype, tuple]], metadata: Mapping[str, str] | None = None) -> bytes:
     """The start of a safetensors file holding `entries` (name, dtype, shape) in order, back to back: the
-    8-byte header length, then the JSON header padded with spaces to a multiple of 8 bytes."""
+    8-byte header length, then the JSON header padded with spaces (as the format allows) so that the tensor
+    bytes start on a disk block, where `DirectFile` writes a page-aligned array without copying it."""
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for name, dtype, shape in entries:
@@ -145,7 +146,7 @@ def header_bytes(entries: Iterable[tuple[str, np.dtype, tuple]], metadata: Mappi
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
+    encoded += b" " * (-(8 + len(encoded)) % ALIGNMENT)
     return struct.pack("<Q", len(encoded)) + encoded
 
 

@@ -174,8 +174,8 @@ class ResizedSource:
         axis = VOCAB_AXES.get(param)
         return array if axis is None else extend_rows(array, self.config.vocab_size, axis)
 
-    def read_part(self, param: str, layer: int | None, inner: tuple) -> np.ndarray:
-        return self.source.read_part(param, layer, inner) if inner else self.read(param, layer)
+    def read_part(self, param: str, layer: int | None, inner: tuple, out: np.ndarray | None = None) -> np.ndarray:
+        return self.source.read_part(param, layer, inner, out) if inner else self.read(param, layer)
 
     def extra_files(self) -> dict[str, str]:
         """The source's files beside the weights, less its tokenizer files (the old vocabulary's)."""

@@ -81,3 +81,27 @@ def test_a_refused_direct_write_falls_back_to_buffered(tmp_path, monkeypatch):
             f.write(piece)
     assert f.direct is False and calls[0] and not calls[-1]
     assert (tmp_path / "d.bin").read_bytes() == data.tobytes()
+
+
+def test_page_aligned_arrays_are_written_whole_from_where_they_are(tmp_path, monkeypatch):
+    """After whole blocks were staged (a safetensors header), an `aligned_empty` array goes to the disk in one
+    write straight from its buffer; only its last partial block is staged."""
+    from mixtral_jax.direct_io import aligned_empty
+
+    real_write = os.write
+    lengths = []
+
+    def recording(fd, data):
+        lengths.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(direct_io.os, "write", recording)
+    header = b"h" * ALIGNMENT
+    array = aligned_empty((10 * ALIGNMENT + 5,), np.uint8)
+    array[...] = np.random.default_rng(7).integers(0, 256, array.size, dtype=np.uint8)
+    with DirectFile(tmp_path / "e.bin", stage_bytes=4 * ALIGNMENT) as f:
+        f.write(header)
+        f.write(array)
+    assert (tmp_path / "e.bin").read_bytes() == header + array.tobytes()
+    if f.direct:
+        assert lengths == [ALIGNMENT, 10 * ALIGNMENT, ALIGNMENT]  # the header, the array, its padded tail

@@ -515,9 +515,9 @@ def test_reads_ahead_on_several_threads_write_the_same_bytes(legacy_model, tmp_p
     source = ModelSource(legacy_model)
     delays = iter(np.random.default_rng(0).uniform(0, 0.01, 10_000))
 
-    def slow_part(param, layer, inner):
+    def slow_part(param, layer, inner, out=None):
         time.sleep(next(delays))
-        return source.read_part(param, layer, inner)
+        return source.read_part(param, layer, inner, out)
 
     real_write = direct_io.DirectFile.write
 

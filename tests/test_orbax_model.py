@@ -158,12 +158,11 @@ def test_layout_on_disk(orbax_dir):
     marker = json.load(open(os.path.join(orbax_dir, orbax_model.MARKER)))
     assert marker["format"] == orbax_model.FORMAT and marker["quantize"] == "none"
     assert marker["dtype"] == "float32" and marker["num_hidden_layers"] == 2
-    assert marker["version"] == orbax_model.VERSION == 2 and marker["weights"] == ["weights/0", "weights/1"]
+    assert marker["version"] == orbax_model.VERSION == 2 and marker["weights"] == ["weights"]
     assert orbax_model.is_orbax_model(orbax_dir)
-    parts = [orbax_model._flat(tree) for tree in _part_trees(orbax_dir)]
-    assert all(parts) and not set(parts[0]) & set(parts[1])  # the leaves dealt to both writers, none twice
+    (part,) = _part_trees(orbax_dir)
     tree: dict = {}
-    for keys, leaf in {**parts[0], **parts[1]}.items():
+    for keys, leaf in orbax_model._flat(part).items():
         orbax_model._nest(keys, leaf, tree)
     assert sorted(tree["layers"]) == ["000", "001"]
     w1 = tree["layers"]["001"]["block_sparse_moe"]["w1"]  # one key per expert
@@ -171,26 +170,84 @@ def test_layout_on_disk(orbax_dir):
     assert tuple(tree["layers"]["000"]["block_sparse_moe"]["w2"]["003"].shape) == (64, 32)
     assert tuple(tree["layers"]["000"]["self_attn"]["q_proj"].shape) == (32, 4, 8)
     assert tuple(tree["embed_tokens"].shape) == (128, 32) and tuple(tree["lm_head"].shape) == (32, 128)
+    state = os.path.join(orbax_dir, "weights", "state")  # orbax_files' layout: a zarr3 array per key, no OCDBT
+    assert os.path.isfile(os.path.join(state, "layers.001.block_sparse_moe.w1.002", "c", "0", "0"))
+    assert not os.path.exists(os.path.join(state, "manifest.ocdbt"))
     assert not [n for n in os.listdir(os.path.dirname(orbax_dir)) if n.startswith(".")]
 
 
-@pytest.mark.parametrize("writers", [1, 3])
-def test_any_number_of_writers_restores_the_same_model(sources, orbax_dir, tmp_path, writers):
-    out = tmp_path / "orbax"
-    orbax_model.convert_hf(sources["legacy-fp32-single"], out, writers=writers)
-    assert len(_part_trees(out)) == writers
+def test_reused_read_buffers_keep_every_leaf(sources, orbax_dir, tmp_path, monkeypatch):
+    """hf-to-orbax reads into a ring of reused buffers; here every leaf goes through it (the model's arrays
+    are below its 16 MB floor), so a buffer handed back before its leaf was written would show."""
+    from mixtral_jax.host_arrays import BufferRing
+
+    monkeypatch.setattr(orbax_model, "BufferRing", lambda depth: BufferRing(depth, min_bytes=0, max_shapes=1))
+    orbax_model.convert_hf(sources["legacy-bf16-sharded"], tmp_path / "ring")
+    reference, ring = orbax_model.OrbaxSource(orbax_dir), orbax_model.OrbaxSource(str(tmp_path / "ring"))
+    for item in reference.items():
+        expected = reference.read(*item).astype(ring.read(*item).dtype)  # the reference is fp32
+        assert np.array_equal(ring.read(*item).view(np.uint8), expected.view(np.uint8)), item
+
+
+def test_two_part_ocdbt_checkpoints_of_earlier_versions_are_still_read(orbax_dir, tmp_path):
+    """Until 2026-11-27 hf-to-orbax dealt the keys round-robin to two Orbax checkpoints (`weights/0`,
+    `weights/1`), each written by Orbax's own saves (OCDBT)."""
+    import shutil
+
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    old = tmp_path / "old"
+    shutil.copytree(orbax_dir, old, ignore=shutil.ignore_patterns("weights"))
+    leaves = list(orbax_model._flat(ocp.load(os.path.join(orbax_dir, "weights"))).items())
+    for k in range(2):
+        part: dict = {}
+        for keys, leaf in leaves[k::2]:
+            orbax_model._nest(keys, leaf, part)
+        ocp.save(old / "weights" / str(k), part)
+    assert os.path.isfile(old / "weights" / "0" / "state" / "manifest.ocdbt")
+    marker = json.load(open(old / orbax_model.MARKER))
+    json.dump({**marker, "weights": ["weights/0", "weights/1"]}, open(old / orbax_model.MARKER, "w"))
     want = jax.tree.map(np.asarray, nnx.state(from_pretrained(orbax_dir), nnx.Param))
-    got = jax.tree.map(np.asarray, nnx.state(from_pretrained(str(out)), nnx.Param))
+    got = jax.tree.map(np.asarray, nnx.state(from_pretrained(str(old)), nnx.Param))
     jax.tree.map(np.testing.assert_array_equal, want, got)
+    new, earlier = orbax_model.OrbaxSource(orbax_dir), orbax_model.OrbaxSource(str(old))  # read through Orbax
+    for item in [("layers.block_sparse_moe.w2", 1), ("lm_head", None), ("layers.self_attn.o_proj", 0)]:
+        np.testing.assert_array_equal(earlier.read(*item), new.read(*item))
 
 
-def test_version_1_single_part_is_still_read(sources, orbax_dir, tmp_path):
+def test_host_reads_of_our_layout_bypass_orbax(orbax_dir, monkeypatch):
+    """OrbaxSource (the converters back to HF, verify) reads our files with plain reads (orbax_files.read_into)."""
+    want = orbax_model.OrbaxSource(orbax_dir).read("layers.block_sparse_moe.w1", 1)
+
+    def no_orbax(*args):
+        raise AssertionError("Orbax was asked")
+
+    monkeypatch.setattr(orbax_model, "_load", no_orbax)
+    source = orbax_model.OrbaxSource(orbax_dir)
+    np.testing.assert_array_equal(source.read("layers.block_sparse_moe.w1", 1), want)
+    assert source.read("embed_tokens", None).shape == (128, 32)
+
+
+def test_read_part_fills_a_buffer_that_fits_and_never_casts(sources, orbax_dir):
+    from mixtral_jax.layer_tensors import HFSource
+
+    for source in (orbax_model.OrbaxSource(orbax_dir), HFSource(sources["legacy-fp32-single"])):
+        want = source.read("layers.block_sparse_moe.w2", 1)[2]
+        out = np.zeros(want.shape, want.dtype)
+        assert source.read_part("layers.block_sparse_moe.w2", 1, (2,), out) is out
+        np.testing.assert_array_equal(out, want)
+        wrong = np.zeros(want.shape, np.float16)
+        got = source.read_part("layers.block_sparse_moe.w2", 1, (2,), wrong)
+        assert got is not wrong and got.dtype == want.dtype and not wrong.any()
+        np.testing.assert_array_equal(got, want)
+
+
+def test_version_1_single_part_is_still_read(orbax_dir, tmp_path):
     """Version 1 wrote one Orbax checkpoint at OUT/weights and named it as a string."""
+    import shutil
+
     out = tmp_path / "v1"
-    orbax_model.convert_hf(sources["legacy-fp32-single"], out, writers=1)
-    os.rename(out / "weights" / "0", out / "part")
-    os.rmdir(out / "weights")
-    os.rename(out / "part", out / "weights")
+    shutil.copytree(orbax_dir, out)
     marker = json.load(open(out / orbax_model.MARKER))
     json.dump({**marker, "version": 1, "weights": "weights"}, open(out / orbax_model.MARKER, "w"))
     np.testing.assert_array_equal(logits_of(from_pretrained(str(out))), logits_of(from_pretrained(orbax_dir)))
@@ -201,9 +258,17 @@ def test_missing_weight_part_is_named(orbax_dir, tmp_path):
 
     broken = tmp_path / "broken"
     shutil.copytree(orbax_dir, broken)
-    shutil.rmtree(broken / "weights" / "1")
-    with pytest.raises(orbax_model.CheckpointError, match=r"orbax_model.json: field 'weights' names 'weights/1'"):
+    shutil.rmtree(broken / "weights")
+    with pytest.raises(orbax_model.CheckpointError, match=r"orbax_model.json: field 'weights' names 'weights'"):
         from_pretrained(str(broken))
+
+
+def test_loading_logs_no_malformed_checkpoint_warning(orbax_dir, caplog):
+    """Orbax warns on every load of a checkpoint without OCDBT (it looks for zarr2 files); the reader drops
+    that one warning."""
+    with caplog.at_level("WARNING"):
+        from_pretrained(orbax_dir)
+    assert not [r for r in caplog.records if "data files not found" in r.getMessage()]
 
 
 def test_restore_equals_hf_load_and_goes_onto_a_mesh(sources, orbax_dir):
