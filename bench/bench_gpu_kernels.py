@@ -1,6 +1,6 @@
 """The GPU kernels the train step can use, each against what it replaces, at bench-1b's shapes (one GPU).
 
-    python -m bench.bench_gpu_kernels [--batch 8] [--seq 2048] [--json OUT]
+    python -m bench.bench_gpu_kernels [--batch 8] [--seq 2048] [--json OUT] [--sweep]
 
 * The experts' grouped product: `gmm_gpu.grouped_matmul` (Pallas Mosaic GPU kernels, Hopper) against
   `jax.lax.ragged_dot`, bf16, rows = batch x seq x top-2 routed at random to 8 experts, for w1/w3's shape
@@ -9,12 +9,14 @@
   reference (ragged_dot accumulated in fp32), relative to the reference's largest magnitude.
 * Attention: `implementation="cudnn"` against `"xla"`, causal mask, [B, T, 8 heads, 128] queries over 2 KV
   heads: the same measures.
-Prints one JSON object; exits 1 when a difference exceeds bf16's tolerance (2e-2 relative).
+Prints one JSON object; exits 1 when a difference exceeds bf16's tolerance (2e-2 relative). With `--sweep`,
+the grouped products once for each of `SWEEP`'s tile settings (`gmm_gpu.Tiles`) instead: how the tiles were chosen.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -28,6 +30,9 @@ from mixtral_jax.attention import grouped_query_attention
 
 TOLERANCE = 2e-2
 EXPERTS, TOP_K, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 8, 2, 1024, 3584, 8, 2, 128
+SWEEP = [dict(block_k=k, pipeline_steps=steps, grid_block_n=n, block_m=m) for k, steps, n, m in (
+    (64, 4, 1, 128), (64, 4, 2, 128), (64, 6, 2, 128), (128, 4, 2, 128), (64, 4, 4, 128), (64, 3, 2, 128),
+    (128, 3, 1, 128), (64, 4, 2, 64))]
 
 
 def _loss_and_grads(fn, *args):
@@ -96,18 +101,35 @@ def attention(batch: int, seq: int, repeats: int) -> dict:
                     flops, repeats)
 
 
+def sweep(tokens: int, repeats: int) -> list[dict]:
+    """The grouped products under each tile setting; a setting the GPU cannot hold (shared memory) is noted."""
+    rows = []
+    for setting in SWEEP:
+        gmm_gpu.TILES = dataclasses.replace(gmm_gpu.Tiles(), **setting)
+        try:
+            rows.append({**setting, "products": grouped_products(tokens, repeats)})
+        except Exception as error:  # e.g. "Mosaic GPU kernel exceeds available shared memory"
+            rows.append({**setting, "error": f"{type(error).__name__}: {str(error)[:300]}"})
+    gmm_gpu.TILES = gmm_gpu.Tiles()
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", help="also write the result here")
+    parser.add_argument("--sweep", action="store_true", help="time the grouped products under each tile setting")
     args = parser.parse_args(argv)
     device = jax.devices()[0]
     result = {"device": device.device_kind, "jax": jax.__version__, "batch": args.batch, "seq": args.seq,
               "kernels": []}
-    for run in (lambda: grouped_products(args.batch * args.seq, args.repeats),
-                lambda: [attention(args.batch, args.seq, args.repeats)]):
+    runs = [lambda: grouped_products(args.batch * args.seq, args.repeats),
+            lambda: [attention(args.batch, args.seq, args.repeats)]]
+    if args.sweep:
+        result["sweep"], runs = sweep(args.batch * args.seq, args.repeats), []
+    for run in runs:
         try:
             result["kernels"].extend(run())
         except Exception as error:  # one kernel failing to build must not hide the others' figures
@@ -117,7 +139,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    failed = result.get("errors") or any(row["ours_rel_diff"] > TOLERANCE for row in result["kernels"])
+    checked = result["kernels"] + [row for setting in result.get("sweep", []) for row in setting.get("products", [])]
+    failed = result.get("errors") or any(row["ours_rel_diff"] > TOLERANCE for row in checked)
     return 1 if failed else 0
 
 

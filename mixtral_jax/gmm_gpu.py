@@ -9,14 +9,27 @@ tiles do not take (fp32, a LoRA rank below 64) falls back to `jax.lax.ragged_dot
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_BLOCK_M = 128
-_BLOCK_K = 64
 _BLOCK_N_CHOICES = (128, 64)
-_PIPELINE_STEPS = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """The kernels' tiles. Tuned on an H200 at bench-1b's shapes (`python -m bench.bench_gpu_kernels --sweep`,
+    bench/results-gpu-h200.json): 6 pipeline stages (the most that fit shared memory at these tiles) and output
+    tiles walked 2 columns wide were ~15% faster than 4 and 1."""
+    block_m: int = 128
+    block_k: int = 64
+    pipeline_steps: int = 6
+    grid_block_n: int = 2
+
+
+TILES = Tiles()
 
 
 def _ragged_kernel(lhs, rhs, **kwargs):
@@ -34,11 +47,9 @@ def _kernel_dtype(*arrays) -> bool:
 
 
 def _tiles(block_n: int, columns: int) -> dict:
-    """Tuned on an H200 at bench-1b's shapes (bench/results-gpu-h200.json): 6 pipeline stages (the most that
-    fit shared memory at these tiles) and output tiles walked 2 columns wide, ~15% faster than 4 and 1."""
-    grid_block_n = 2 if columns % (2 * block_n) == 0 else 1
-    return dict(block_m=_BLOCK_M, block_n=block_n, block_k=_BLOCK_K, max_concurrent_steps=_PIPELINE_STEPS,
-                grid_block_n=grid_block_n)
+    grid_block_n = TILES.grid_block_n if columns % (TILES.grid_block_n * block_n) == 0 else 1
+    return dict(block_m=TILES.block_m, block_n=block_n, block_k=TILES.block_k,
+                max_concurrent_steps=TILES.pipeline_steps, grid_block_n=grid_block_n)
 
 
 def _block_n(columns: int) -> int | None:
@@ -49,7 +60,7 @@ def _product(rows, weights, group_sizes, transpose_weights: bool):
     """rows [M, K] by group x weights [G, K, N] (or [G, N, K] transposed) -> [M, N]."""
     contracted, columns = (weights.shape[2], weights.shape[1]) if transpose_weights else weights.shape[1:]
     block_n = _block_n(columns)
-    if block_n is None or contracted % _BLOCK_K or not _kernel_dtype(rows, weights):
+    if block_n is None or contracted % TILES.block_k or not _kernel_dtype(rows, weights):
         rhs = jnp.swapaxes(weights, 1, 2) if transpose_weights else weights
         return jax.lax.ragged_dot(rows, rhs, group_sizes)
     out = _ragged_kernel(rows, weights, group_sizes=group_sizes, transpose_rhs=transpose_weights,
@@ -61,7 +72,7 @@ def _product(rows, weights, group_sizes, transpose_weights: bool):
 def _weight_gradient(rows, grad, group_sizes):
     """[G, K, N]: per group, rows_g^T @ grad_g, accumulated in fp32 on both paths."""
     block_n = _block_n(grad.shape[1])
-    if block_n is None or rows.shape[1] % _BLOCK_M or not _kernel_dtype(rows, grad):
+    if block_n is None or rows.shape[1] % TILES.block_m or not _kernel_dtype(rows, grad):
         numbers = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
                                                     lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
         out = jax.lax.ragged_dot_general(rows, grad, group_sizes, numbers, preferred_element_type=jnp.float32)
