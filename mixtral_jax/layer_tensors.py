@@ -9,7 +9,7 @@ layer, inner)` reads one expert's matrix of a layer-tensor (inner = (e,)), so th
 one expert (117 MB at Mixtral-8x7B's widths, against 940 MB for the layer-tensor). Both take an optional
 `out`, a buffer the caller reuses: the result is read into it where it has the result's shape and dtype (else
 it is ignored: never a cast), because fresh memory for every 117 MB read cost the kernel as much as the
-read itself. The HF reader copies with
+read itself; a source that gets its arrays elsewhere (from the devices) ignores it. The HF reader copies with
 plain file reads (no memory map: its touched pages would count towards the resident memory), into page-aligned
 arrays, which the converters write to disk with O_DIRECT without another copy (direct_io.py).
 """
@@ -101,7 +101,7 @@ class HFSource:
 
     def read(self, param: str, layer: int | None, out: np.ndarray | None = None) -> np.ndarray:
         shape, dtype = self.shapes[param]
-        buffer = _target(out, shape, dtype)
+        buffer = reuse_or_new(out, shape, dtype)
         for m in self.groups[(param, layer)]:
             self._fill(m, buffer[split_index(m)[1]])
         return buffer
@@ -112,7 +112,7 @@ class HFSource:
         if not inner:
             return self.read(param, layer, out)
         shape, dtype = self.shapes[param]
-        out = _target(out, shape[len(inner):], dtype)
+        out = reuse_or_new(out, shape[len(inner):], dtype)
         for m in self.groups[(param, layer)]:
             index = split_index(m)[1]
             if m.kind.startswith("fused_") and len(inner) == 1:
@@ -179,9 +179,9 @@ class ModelSource:
 
         value = self.params[param].get_value()
         if isinstance(value, NF4Weight) or not inner:
-            return into(out, self.read(param, layer)[tuple(inner)])
+            return self.read(param, layer)[tuple(inner)]
         index = (layer, *inner) if layer is not None else tuple(inner)
-        return into(out, np.asarray(jax.device_get(value[index])))
+        return np.asarray(jax.device_get(value[index]))
 
     def extra_files(self) -> dict[str, str]:
         return {} if self.directory is None else extra_files(self.directory)
@@ -197,20 +197,11 @@ def extra_files(directory: str) -> dict[str, str]:
             if os.path.isfile(os.path.join(directory, name))}
 
 
-def _target(out: np.ndarray | None, shape: tuple, dtype) -> np.ndarray:
+def reuse_or_new(out: np.ndarray | None, shape: tuple, dtype) -> np.ndarray:
     """`out` where it is a C-contiguous array of this shape and dtype, else a new (page-aligned) one."""
     if out is not None and out.shape == tuple(shape) and out.dtype == np.dtype(dtype) and out.flags.c_contiguous:
         return out
     return aligned_empty(shape, dtype)
-
-
-def into(out: np.ndarray | None, array: np.ndarray) -> np.ndarray:
-    """`array`, copied into `out` where `out` has its shape and dtype (the `out` of `read_part`: a buffer the
-    caller reuses; never a cast)."""
-    if out is None or out is array or out.shape != array.shape or out.dtype != array.dtype:
-        return array
-    out[...] = array
-    return out
 
 
 def open_source(path: str, dtype: str | None = None):

@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 from mixtral_jax.config import MixtralConfig, read_json_object
 from mixtral_jax.hf_checkpoint import _named_params
 from mixtral_jax.host_arrays import BufferRing
-from mixtral_jax.layer_tensors import HFSource, Item, extra_files, into, ordered_items
+from mixtral_jax.layer_tensors import HFSource, Item, extra_files, ordered_items, reuse_or_new
 from mixtral_jax.lora import LoRAParam, LoraConfig, init_adapters
 from mixtral_jax.model import Mixtral
 from mixtral_jax.orbax_files import PyTreeWriter, read_into
@@ -490,14 +490,13 @@ class OrbaxSource:
         if layer is not None and len(inner) == 1 and per_expert(param, self.marker):
             value = self.params[param].get_value()
             key = expert_key(param, layer, inner[0])
-            fits = out is not None and out.shape == value.shape[2:] and out.dtype == value.dtype
-            target = out if fits and out.flags.c_contiguous else np.empty(value.shape[2:], value.dtype)
-            return into(out, np.asarray(_get(self.weights.load(_nest(key, target)), key)))
+            target = reuse_or_new(out, value.shape[2:], value.dtype)
+            return np.asarray(_get(self.weights.load(_nest(key, target)), key))
         with self._cache_lock:
             if self._cached[0] != (param, layer):  # a whole layer-tensor, read once for all its experts
                 self._cached = (None, None)
                 self._cached = ((param, layer), self.read(param, layer))
-            return into(out, self._cached[1][inner])
+            return self._cached[1][inner]
 
     def extra_files(self) -> dict[str, str]:
         return extra_files(self.directory)
