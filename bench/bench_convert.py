@@ -30,7 +30,7 @@ import ml_dtypes
 import numpy as np
 
 from mixtral_jax.config import MixtralConfig
-from mixtral_jax.hf_checkpoint import legacy_mappings
+from mixtral_jax.layout import legacy_mappings
 from mixtral_jax.safetensors_io import write_safetensors
 
 REAL_WIDTHS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,

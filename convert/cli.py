@@ -101,17 +101,17 @@ def run_export_peft(args) -> int:
     """The run's latest adapters and modules_to_save, the base named (resolved) in adapter_config.json."""
     import os
 
-    from mixtral_jax import checkpoint
+    from mixtral_jax import runs
     from mixtral_jax.hf_checkpoint import from_pretrained
     from mixtral_jax.peft_adapters import save_peft_adapter
     from mixtral_jax.safetensors_io import CheckpointError
 
-    run_model = checkpoint.read_manifest(args.run_dir)
+    run_model = runs.read_manifest(args.run_dir)
     if run_model.lora is None:
         raise CheckpointError(f"{args.run_dir}: a full fine-tuning run has no adapters to export "
                               f"(its model is an HF checkpoint)")
     model = from_pretrained(args.run_dir)
-    base = os.path.abspath(checkpoint.base_path(run_model.base))
+    base = os.path.abspath(runs.base_path(run_model.base))
     save_peft_adapter(model, args.out, run_model.modules_to_save, base, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0

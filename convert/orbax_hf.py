@@ -9,9 +9,10 @@ import re
 
 import numpy as np
 
-from mixtral_jax import checkpoint
-from mixtral_jax.hf_checkpoint import legacy_mappings, ours_to_hf_into, write_pretrained
-from mixtral_jax.layer_tensors import HFSource, ModelSource, open_source, split_index
+from mixtral_jax.hf_files import write_pretrained
+from mixtral_jax.layer_tensors import HFSource, ModelSource, open_source
+from mixtral_jax import runs
+from mixtral_jax.layout import legacy_mappings, ours_to_hf_into, split_index
 from mixtral_jax.orbax_model import OrbaxSource, convert_hf, is_orbax_model
 from mixtral_jax.safetensors_io import CheckpointError
 
@@ -28,13 +29,13 @@ def parse_size(text: str) -> int:
 
 
 def _refuse_existing(out: str, overwrite: bool) -> None:
+    """Before a run's model is loaded (minutes at 8x7B), not after: write_pretrained checks again."""
     if os.path.exists(out) and not overwrite:
         raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
 
 
 def hf_to_orbax(hf_dir: str, out: str, dtype: str = "keep", quantize: str = "none", overwrite: bool = False,
                 show_progress: bool = True) -> dict:
-    _refuse_existing(out, overwrite)
     return convert_hf(hf_dir, out, dtype=None if dtype == "keep" else dtype, quantize=quantize,
                       overwrite=overwrite, show_progress=show_progress)
 
@@ -44,8 +45,10 @@ def merged_run_model(run_dir: str, base: str | None = None, merge_base: str = "f
     of the model at the bottom of its chain of runs: the recorded one, or `base` (an HF directory) in its
     place. `merge_base` "nf4" merges onto the dequantised NF4 base the run trained on, "full" (default) onto
     the full-precision base. The whole model is in memory."""
+    from mixtral_jax import checkpoint
+
     model = checkpoint.load_run(run_dir, merge=True, root=base and os.path.abspath(base), merge_base=merge_base)
-    return model, os.path.abspath(base) if base else checkpoint.root_base(run_dir)
+    return model, os.path.abspath(base) if base else runs.root_base(run_dir)
 
 
 def orbax_to_hf(src: str, out: str, dtype: str = "keep", max_shard_size: str | int | None = "5GB",
@@ -54,22 +57,22 @@ def orbax_to_hf(src: str, out: str, dtype: str = "keep", max_shard_size: str | i
     _refuse_existing(out, overwrite)
     max_bytes = None if max_shard_size in (None, "", 0) else (
         max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size))
-    if checkpoint.is_run_dir(src):
-        run_model = checkpoint.read_manifest(src)
+    if is_orbax_model(src):
+        if merge or base is not None:
+            raise CheckpointError(f"{src}: an Orbax model checkpoint has no adapters; --merge and --base apply "
+                                  f"to training run directories")
+        source = OrbaxSource(src)
+    else:
+        if not runs.is_run_dir(src):
+            raise CheckpointError(f"{src}: neither an Orbax model checkpoint (no orbax_model.json) nor a "
+                                  f"training run directory (no {runs.MANIFEST})")
+        run_model = runs.read_manifest(src)
         if run_model.lora is not None and not merge:
             raise CheckpointError(f"{src}: a LoRA training run; pass --merge to fold its adapters into the "
                                   f"base weights, or write the adapters alone with `mixtral-jax convert "
                                   f"export-peft {src} OUT`")
         model, base_dir = merged_run_model(src, base, merge_base)
         source = ModelSource(model, base_dir if os.path.isdir(base_dir) else None)
-    elif is_orbax_model(src):
-        if merge or base is not None:
-            raise CheckpointError(f"{src}: an Orbax model checkpoint has no adapters; --merge and --base apply "
-                                  f"to training run directories")
-        source = OrbaxSource(src)
-    else:
-        raise CheckpointError(f"{src}: neither an Orbax model checkpoint (no orbax_model.json) nor a training "
-                              f"run directory (no {checkpoint.MANIFEST})")
     write_pretrained(source.config, source.read, out, max_shard_bytes=max_bytes,
                      dtype=None if dtype == "keep" else dtype, overwrite=overwrite,
                      extra_files=source.extra_files(), show_progress=show_progress, read_part=source.read_part,

@@ -51,7 +51,7 @@ def extend(model: str, sources: list[str], out: str, vocab_size: int = 20000, mo
            max_shard_size: str = "5GB", overwrite: bool = False, show_progress: bool = True) -> dict:
     """Writes the extended model to `out` (under a temporary name, renamed when complete); returns a summary."""
     from convert.orbax_hf import parse_size
-    from mixtral_jax.hf_checkpoint import write_pretrained
+    from mixtral_jax.hf_files import write_pretrained
     from mixtral_jax.layer_tensors import open_source
     from mixtral_jax.safetensors_io import CheckpointError
     from mixtral_jax.texts import read_texts

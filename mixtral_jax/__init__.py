@@ -1,9 +1,25 @@
-"""mixtral-jax: a JAX/Flax port of the Chinese-Mixtral language adaptation (QLoRA on a sparse-MoE Mixtral)."""
+"""mixtral-jax: a JAX/Flax port of the Chinese-Mixtral language adaptation (QLoRA on a sparse-MoE Mixtral).
 
-from mixtral_jax.config import ConfigError, MixtralConfig
-from mixtral_jax.hf_checkpoint import from_pretrained, save_pretrained
-from mixtral_jax.model import KVCache, Mixtral, MixtralOutput, load_balancing_loss
-from mixtral_jax.safetensors_io import CheckpointError
+The names below are imported on first use, so that importing one module of the package (a converter, the
+command line) does not import JAX and Flax (~1 s) unless it needs them.
+"""
 
-__all__ = ["CheckpointError", "ConfigError", "KVCache", "Mixtral", "MixtralConfig", "MixtralOutput",
-           "from_pretrained", "load_balancing_loss", "save_pretrained"]
+import importlib
+
+_EXPORTS = {"CheckpointError": "safetensors_io", "ConfigError": "config", "KVCache": "model", "Mixtral": "model",
+            "MixtralConfig": "config", "MixtralOutput": "model", "from_pretrained": "hf_checkpoint",
+            "load_balancing_loss": "model", "save_pretrained": "hf_checkpoint"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mixtral_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"mixtral_jax.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -17,44 +17,19 @@ arrays, which the converters write to disk with O_DIRECT without another copy (d
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import jax
 import numpy as np
-from flax import nnx
 
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.direct_io import aligned_empty
-from mixtral_jax.hf_checkpoint import (CheckpointFiles, TensorMapping, _named_params, detect_mappings,
-                                       legacy_mappings)
+from mixtral_jax.hf_files import CheckpointFiles, detect_mappings
 from mixtral_jax.host_arrays import ThreadBuffer, transpose_into
-from mixtral_jax.model import Mixtral
+from mixtral_jax.layout import Item, TensorMapping, layer_shapes, ordered_items, split_index
 from mixtral_jax.safetensors_io import CheckpointError
 
-Item = tuple[str, "int | None"]
-
-
-def split_index(m: TensorMapping) -> tuple[int | None, tuple]:
-    """(layer, index inside that layer's slice) of a mapping's index into the stacked parameter."""
-    if m.param.startswith("layers."):
-        return m.index[0], tuple(m.index[1:])
-    return None, tuple(m.index)
-
-
-def ordered_items(config: MixtralConfig) -> list[Item]:
-    """Every layer-tensor, in the order of the legacy layout (layer by layer, as HF shards are ordered)."""
-    return list(dict.fromkeys((m.param, split_index(m)[0]) for m in legacy_mappings(config)))
-
-
-def layer_shapes(config: MixtralConfig) -> dict[str, tuple[tuple, str]]:
-    """Our parameter name -> (shape of one layer-tensor, dtype) for a config (computed abstractly)."""
-    model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
-    out = {}
-    for name, variable in _named_params(model):
-        value = variable.get_value()
-        shape = tuple(value.shape[1:]) if name.startswith("layers.") else tuple(value.shape)
-        out[name] = (shape, str(value.dtype))
-    return out
+if TYPE_CHECKING:
+    from mixtral_jax.model import Mixtral
 
 
 _READ_BLOCK_BYTES = 32 << 20  # the largest piece of an HF linear weight read at once (one q_proj at 8x7B)
@@ -153,9 +128,12 @@ class HFSource:
 
 class ModelSource:
     """A model in memory (on any mesh): each read fetches one layer's slice of one parameter to the host; an
-    NF4 weight is dequantised to its dtype."""
+    NF4 weight is dequantised to its dtype. (The one source that needs JAX, imported here: a model in memory
+    has it loaded already.)"""
 
     def __init__(self, model: Mixtral, directory: str | None = None):
+        from mixtral_jax.hf_checkpoint import _named_params
+
         self.model = model
         self.config = model.config
         self.params = dict(_named_params(model))
@@ -165,6 +143,8 @@ class ModelSource:
         return ordered_items(self.config)
 
     def read(self, param: str, layer: int | None) -> np.ndarray:
+        import jax
+
         from mixtral_jax.quantized import NF4Weight, dequantize_weight
 
         value = self.params[param].get_value()
@@ -175,6 +155,8 @@ class ModelSource:
         return np.asarray(jax.device_get(value))
 
     def read_part(self, param: str, layer: int | None, inner: tuple, out: np.ndarray | None = None) -> np.ndarray:
+        import jax
+
         from mixtral_jax.quantized import NF4Weight
 
         value = self.params[param].get_value()
@@ -206,13 +188,15 @@ def reuse_or_new(out: np.ndarray | None, shape: tuple, dtype) -> np.ndarray:
 
 def open_source(path: str, dtype: str | None = None):
     """An Orbax model checkpoint or an HF directory (a training run: its model, adapters merged)."""
-    from mixtral_jax import checkpoint, orbax_model
+    from mixtral_jax import orbax_model, runs
 
     path = os.fspath(path)
     if orbax_model.is_orbax_model(path):
         return orbax_model.OrbaxSource(path)
-    if checkpoint.is_run_dir(path):
-        base = checkpoint.root_base(path)
+    if runs.is_run_dir(path):
+        base = runs.root_base(path)
+        from mixtral_jax import checkpoint
+
         return ModelSource(checkpoint.load_run(path, merge=True), base if os.path.isdir(base) else None)
     return HFSource(path, dtype)
 

@@ -35,10 +35,9 @@ both cores stay busy and at most three leaves are held. Orbax's own partial save
 cache at ~3 ms of system time per MB and could not overlap within one process (README, Performance). The
 whole directory is built under a temporary name and renamed when complete (output_dir.py).
 
-Reading restores each of our stacked parameters from its L layer slices, each restored straight onto the
-target sharding (the parameter's sharding without its layers axis, any mesh; an expert's matrix without the
-layers and experts axes), then stacked on the devices: peak memory is the model plus one parameter. Single
-layer-tensors can be read alone (`OrbaxSource`), which the converters back to HF use.
+Reading onto devices is orbax_load.py's (`from_pretrained` dispatches there). `OrbaxSource` reads single
+layer-tensors onto the host, which the converters back to HF use. This module needs no JAX (only an NF4
+checkpoint's quantisation and dequantisation import it), so the converters start fast (layout.py).
 """
 
 from __future__ import annotations
@@ -48,26 +47,20 @@ import functools
 import json
 import logging
 import os
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 from tqdm.auto import tqdm
 
 from mixtral_jax.config import MixtralConfig, read_json_object
-from mixtral_jax.hf_checkpoint import _named_params
 from mixtral_jax.host_arrays import BufferRing
-from mixtral_jax.layer_tensors import HFSource, Item, extra_files, ordered_items, reuse_or_new
-from mixtral_jax.lora import LoRAParam, LoraConfig, init_adapters
-from mixtral_jax.model import Mixtral
+from mixtral_jax.layer_tensors import HFSource, extra_files, reuse_or_new
+from mixtral_jax.layout import QUANTIZED, Item, layer_shapes, ordered_items
 from mixtral_jax.orbax_files import PyTreeWriter, read_into
 from mixtral_jax.output_dir import output_directory
-from mixtral_jax.quantized import QUANTIZED, NF4Weight, dequantize_weight, quantize_base, quantize_weight
 from mixtral_jax.safetensors_io import CheckpointError
 
 FORMAT = "mixtral-jax-orbax-model"
@@ -131,7 +124,8 @@ def expert_key(param: str, layer: int, expert: int) -> tuple[str, ...]:
     return (*leaf_key(param, layer), f"{expert:03d}")
 
 
-def _nest(keys: tuple[str, ...], value, tree: dict | None = None) -> dict:
+def nest(keys: tuple[str, ...], value, tree: dict | None = None) -> dict:
+    """`tree` (or a new dict) with `value` at the key path `keys`."""
     tree = {} if tree is None else tree
     node = tree
     for key in keys[:-1]:
@@ -140,25 +134,21 @@ def _nest(keys: tuple[str, ...], value, tree: dict | None = None) -> dict:
     return tree
 
 
-def _get(tree: dict, keys: tuple[str, ...]):
+def lookup(tree: dict, keys: tuple[str, ...]):
+    """The value at the key path `keys` of a nested dict."""
     for key in keys:
         tree = tree[key]
     return tree
 
 
-def _as_leaves(value):
-    """An array, or an NF4 weight as {packed, absmax} (how it is stored)."""
-    if isinstance(value, NF4Weight):
-        return {"packed": value.packed, "absmax": value.absmax}
-    return value
-
-
-def abstract_model(config: MixtralConfig, lora: LoraConfig | None = None, quantize: str = "none") -> Mixtral:
-    def build():
-        model = Mixtral(config, rngs=nnx.Rngs(0), lora=lora)
-        return quantize_base(model) if quantize == "nf4" else model
-
-    return nnx.eval_shape(build)
+def flatten(tree, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    """A nested dict's leaves by key path."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, (*prefix, key)))
+    return flat
 
 
 def _orbax():
@@ -187,18 +177,8 @@ def _load(weights: str, tree: dict) -> dict:
         with ctx:
             return ocp.load(weights, tree)
     except (ValueError, KeyError, FileNotFoundError) as err:
-        raise CheckpointError(f"{weights}: cannot restore {_first_key(tree)} and the others asked "
+        raise CheckpointError(f"{weights}: cannot restore {'/'.join(next(iter(flatten(tree))))} and the others asked "
                               f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-
-
-def _flat(tree, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
-    """A nested dict's leaves by key path."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(_flat(value, (*prefix, key)))
-    return flat
 
 
 class Weights:
@@ -214,7 +194,7 @@ class Weights:
         if self._owners is None:
             ocp = _orbax()
             self._owners = {keys: i for i, part in enumerate(self.parts)
-                            for keys in _flat(ocp.metadata(part).metadata)}
+                            for keys in flatten(ocp.metadata(part).metadata)}
         return self._owners
 
     def load(self, tree: dict) -> dict:
@@ -223,15 +203,15 @@ class Weights:
         without Orbax."""
         restored: dict = {}
         split: dict = {}
-        for keys, leaf in _flat(tree).items():
+        for keys, leaf in flatten(tree).items():
             part = self._part_of(keys)
             if isinstance(leaf, np.ndarray) and read_into(self.parts[part], keys, leaf):
-                _nest(keys, leaf, restored)
+                nest(keys, leaf, restored)
             else:
-                _nest(keys, leaf, split.setdefault(part, {}))
+                nest(keys, leaf, split.setdefault(part, {}))
         for i, subtree in split.items():
-            for keys, leaf in _flat(_load(self.parts[i], subtree)).items():
-                _nest(keys, leaf, restored)
+            for keys, leaf in flatten(_load(self.parts[i], subtree)).items():
+                nest(keys, leaf, restored)
         return restored
 
     def _part_of(self, keys: tuple[str, ...]) -> int:
@@ -242,10 +222,6 @@ class Weights:
             raise CheckpointError(f"{self.directory}: no weights part holds {'/'.join(keys)}")
         return owners[keys]
 
-
-def _first_key(tree) -> str:
-    path = jax.tree_util.tree_flatten_with_path(tree)[0][0][0]
-    return "/".join(str(getattr(p, "key", p)) for p in path)
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -291,8 +267,6 @@ def convert_hf(hf_dir: str, out: str, *, dtype: str | None = None, quantize: str
             json.dump({"format": FORMAT, "version": VERSION, "dtype": config.param_dtype, "quantize": quantize,
                        "num_hidden_layers": config.num_hidden_layers, "weights": [WEIGHTS],
                        "source": os.path.abspath(hf_dir)}, f, indent=2)
-        import shutil
-
         for name, path in source.extra_files().items():
             shutil.copyfile(path, os.path.join(tmp, name))
     return stored
@@ -303,13 +277,14 @@ def _tasks(source: HFSource, quantize: str) -> list[tuple[tuple[str, ...], Calla
     fills), in the order the source holds them. A reader takes that buffer (or None: a new one)."""
     config = source.config
     marker = {"version": VERSION, "quantize": quantize}
-    axes = ({name: v.get_metadata()["logical_axes"] for name, v in _named_params(abstract_model(config))}
-            if quantize == "nf4" else {})
+    if quantize == "nf4":  # the one step of the conversion that needs JAX
+        from mixtral_jax.orbax_load import layer_quantizer
+
+        quantize_layer = layer_quantizer(config)
 
     def nf4(param, layer, out=None):  # the packed arrays and the parameter count
         array = source.read(param, layer, out)
-        q = quantize_weight(jnp.asarray(array)[None], axes[param], leading=1)
-        return {"packed": np.asarray(q.packed[0]), "absmax": np.asarray(q.absmax[0])}, array.size
+        return quantize_layer(param, array), array.size
 
     experts = config.num_local_experts
     tasks = []
@@ -364,96 +339,6 @@ def read_config(directory: str, dtype: str | None = None, **implementation) -> t
     return config, marker
 
 
-def _without_layer_axis(sharding):
-    if isinstance(sharding, NamedSharding):
-        spec = tuple(sharding.spec)
-        return NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))
-    return sharding
-
-
-def load(directory: str | os.PathLike, dtype: str | None = None, *, mesh=None, lora: LoraConfig | None = None,
-         lora_seed: int = 0, show_progress: bool = False, **implementation) -> Mixtral:
-    """The model of an Orbax model checkpoint (`from_pretrained` dispatches here), each parameter restored
-    with its sharding on `mesh` (default: the first device). `dtype` casts the unquantised weights."""
-    directory = os.fspath(directory)
-    config, marker = read_config(directory, dtype, **implementation)
-    stored_dtype = jnp.dtype(marker["dtype"])
-    weights = Weights(directory, marker)
-    model = abstract_model(config, lora, marker["quantize"])
-    if mesh is not None:
-        from mixtral_jax import sharding as sharding_lib
-
-        shardings = {".".join(str(p) for p in path): s.get_value()
-                     for path, s in nnx.to_flat_state(sharding_lib.param_shardings(model, mesh))}
-    else:
-        device = SingleDeviceSharding(jax.devices()[0])
-        shardings = {name: jax.tree.map(lambda _: device, _as_leaves(v.get_value()))
-                     for name, v in _named_params(model)}
-    layers = config.num_hidden_layers
-    for name, variable in tqdm(list(_named_params(model)), desc=f"loading {os.path.basename(directory)}",
-                               disable=not show_progress):
-        value = variable.get_value()
-        leaves, target = _as_leaves(value), _as_leaves(shardings[name])
-        quantized = isinstance(value, NF4Weight)
-
-        def abstract(leaf, sharding, per_layer: bool):
-            shape = leaf.shape[1:] if per_layer else leaf.shape
-            leaf_dtype = leaf.dtype if quantized else stored_dtype
-            return jax.ShapeDtypeStruct(shape, leaf_dtype, sharding=_without_layer_axis(sharding) if per_layer
-                                        else sharding)
-
-        if per_expert(name, marker):
-            experts = config.num_local_experts
-            tree = {}
-            for i in range(layers):
-                for e in range(experts):
-                    _nest(expert_key(name, i, e), jax.ShapeDtypeStruct(
-                        leaves.shape[2:], stored_dtype, sharding=_without_layer_axis(_without_layer_axis(target))),
-                        tree)
-            restored = weights.load(tree)
-            slices = [_get(restored, expert_key(name, i, e)) for i in range(layers) for e in range(experts)]
-            result = _stack(slices, leaves.dtype, target, (layers, experts))
-            del restored, slices
-        elif name.startswith("layers."):
-            tree: dict = {}
-            for i in range(layers):
-                _nest(leaf_key(name, i), jax.tree.map(lambda l, s: abstract(l, s, True), leaves, target), tree)
-            restored = weights.load(tree)
-            slices = [_get(restored, leaf_key(name, i)) for i in range(layers)]
-            result = jax.tree.map(lambda leaf, s, *xs: _stack(xs, leaf.dtype, s), leaves, target, *slices)
-            del restored, slices
-        else:
-            restored = weights.load(_nest(leaf_key(name, None),
-                                            jax.tree.map(lambda l, s: abstract(l, s, False), leaves, target)))
-            result = jax.tree.map(lambda leaf, s, x: x if x.dtype == leaf.dtype else _cast(x, leaf.dtype, s),
-                                  leaves, target, _get(restored, leaf_key(name, None)))
-        if quantized:
-            result = value.replace(packed=result["packed"], absmax=result["absmax"])
-        variable.set_value(result)
-    if lora is not None:
-        from mixtral_jax.hf_checkpoint import _placement
-
-        place = _placement(model, mesh)
-        init_adapters(model, lora_seed)
-        for path, variable in nnx.iter_graph(model):
-            if isinstance(variable, LoRAParam):
-                name = ".".join(str(p) for p in path)
-                variable.set_value(place(name, np.asarray(variable.get_value())))
-    return model
-
-
-def _stack(slices, dtype, sharding, leading=None):
-    def stack(*xs):
-        stacked = jnp.stack(xs).astype(dtype)
-        return stacked if leading is None else stacked.reshape(*leading, *stacked.shape[1:])
-
-    return jax.jit(stack, out_shardings=sharding)(*slices)
-
-
-def _cast(x, dtype, sharding):
-    return jax.jit(lambda a: a.astype(dtype), out_shardings=sharding)(x)
-
-
 class OrbaxSource:
     """One layer-tensor at a time from an Orbax model checkpoint, onto the host (an NF4 weight dequantised
     to the stored dtype), for the converters back to HF and `verify`; safe to read from several threads."""
@@ -462,7 +347,12 @@ class OrbaxSource:
         self.directory = os.fspath(directory)
         self.config, self.marker = read_config(self.directory)
         self.weights = Weights(self.directory, self.marker)
-        self.params = dict(_named_params(abstract_model(self.config, quantize=self.marker["quantize"])))
+        self.shapes = layer_shapes(self.config)
+        self.nf4 = {}  # param -> its abstract NF4 weight, stacked over layers
+        if self.marker["quantize"] == "nf4":  # dequantising is the one step of reading that needs JAX
+            from mixtral_jax.orbax_load import nf4_templates
+
+            self.nf4 = nf4_templates(self.config)
         self._cached: tuple = (None, None)
         self._cache_lock = threading.Lock()  # reads may come from several threads (`write_pretrained`)
 
@@ -472,26 +362,26 @@ class OrbaxSource:
     def read(self, param: str, layer: int | None) -> np.ndarray:
         if layer is not None and per_expert(param, self.marker):
             return np.stack([self.read_part(param, layer, (e,)) for e in range(self.config.num_local_experts)])
-        value = self.params[param].get_value()
-        leaves = _as_leaves(value)
-        per_layer = layer is not None
-        tree = _nest(leaf_key(param, layer), jax.tree.map(
-            lambda s: np.empty(s.shape[1:] if per_layer else s.shape, s.dtype), leaves))
-        leaf = _get(self.weights.load(tree), leaf_key(param, layer))
-        if isinstance(value, NF4Weight):
-            q = value.replace(packed=jnp.asarray(leaf["packed"]), absmax=jnp.asarray(leaf["absmax"]))
-            return np.asarray(dequantize_weight(q))
-        return np.asarray(leaf)
+        key = leaf_key(param, layer)
+        if param in self.nf4:
+            from mixtral_jax.orbax_load import dequantize_layer
+
+            template = self.nf4[param]
+            arrays = {name: np.empty(a.shape[1:], a.dtype) for name, a in (("packed", template.packed),
+                                                                          ("absmax", template.absmax))}
+            return dequantize_layer(template, lookup(self.weights.load(nest(key, arrays)), key))
+        shape, dtype = self.shapes[param]
+        return np.asarray(lookup(self.weights.load(nest(key, np.empty(shape, dtype))), key))
 
     def read_part(self, param: str, layer: int | None, inner: tuple, out: np.ndarray | None = None) -> np.ndarray:
         """`read(param, layer)[inner]`; an expert's matrix (inner (e,)) of an unquantised checkpoint is one key,
         read straight into `out` where it fits (layer_tensors)."""
         inner = tuple(inner)
         if layer is not None and len(inner) == 1 and per_expert(param, self.marker):
-            value = self.params[param].get_value()
+            shape, dtype = self.shapes[param]
             key = expert_key(param, layer, inner[0])
-            target = reuse_or_new(out, value.shape[2:], value.dtype)
-            return np.asarray(_get(self.weights.load(_nest(key, target)), key))
+            target = reuse_or_new(out, shape[1:], dtype)
+            return np.asarray(lookup(self.weights.load(nest(key, target)), key))
         with self._cache_lock:
             if self._cached[0] != (param, layer):  # a whole layer-tensor, read once for all its experts
                 self._cached = (None, None)
@@ -502,5 +392,5 @@ class OrbaxSource:
         return extra_files(self.directory)
 
 
-__all__ = ["FORMAT", "MARKER", "OrbaxSource", "convert_hf", "is_orbax_model", "leaf_key", "load", "read_config",
-           "read_marker"]
+__all__ = ["FORMAT", "MARKER", "OrbaxSource", "Weights", "convert_hf", "expert_key", "flatten", "is_orbax_model",
+           "leaf_key", "lookup", "nest", "per_expert", "read_config", "read_marker"]

@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax.checkpoint import is_run_dir
+from mixtral_jax.runs import is_run_dir
 from mixtral_jax.config import MixtralConfig, read_json_object
-from mixtral_jax.hf_checkpoint import (TensorMapping, from_pretrained, hf_to_ours,
-                                       legacy_mappings, ours_to_hf)
+from mixtral_jax.hf_checkpoint import from_pretrained
+from mixtral_jax.layout import TensorMapping, hf_to_ours, legacy_mappings, ours_to_hf
 from mixtral_jax.lora import TARGETS, LoraConfig
 from mixtral_jax.model import Mixtral
 from mixtral_jax.output_dir import output_directory

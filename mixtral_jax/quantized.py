@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from mixtral_jax.layout import QUANTIZED
 from mixtral_jax.lora import LoRAParam
 from mixtral_jax.quant import NF4_CODE, quantize_nf4
 
 BLOCK = 64
-QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "w1", "w2", "w3")
 
 
 @struct.dataclass

@@ -82,10 +82,10 @@ def model_tokenizer_path(model: str | None) -> str | None:
     the model brings none (the bundled tiny model)."""
     if model is None:
         return None
-    from mixtral_jax import checkpoint  # a training run (local or gs://): the tokenizer of the model it trains
+    from mixtral_jax import runs  # a training run (local or gs://): the tokenizer of the model it trains
 
-    if checkpoint.is_run_dir(model):
-        return model_tokenizer_path(checkpoint.base_path(checkpoint.read_manifest(model).base))
+    if runs.is_run_dir(model):
+        return model_tokenizer_path(runs.base_path(runs.read_manifest(model).base))
     if not os.path.isdir(model):
         return None
     names = set(os.listdir(model))

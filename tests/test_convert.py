@@ -16,7 +16,7 @@ import torch
 from flax import nnx
 from safetensors.torch import load_file, save_file
 
-from mixtral_jax import checkpoint
+from mixtral_jax import checkpoint, runs
 from mixtral_jax.cli import main
 from mixtral_jax.hf_checkpoint import from_pretrained, save_pretrained
 from mixtral_jax.lora import LoRAParam
@@ -75,16 +75,37 @@ def test_dtype_option_and_tokenizer_files_carried(hf_dir, tmp_path):
     assert json.load(open(tmp_path / "hf" / "config.json"))["torch_dtype"] == "bfloat16"
 
 
+def test_converting_and_verifying_never_import_jax(hf_dir, tmp_path):
+    """The converters between HF and Orbax directories, and verify between them, run on numpy alone: importing
+    JAX and Flax is ~1 s of a 4 s conversion at Mixtral-8x7B's widths (README, Performance)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from mixtral_jax.cli import main\n"
+        "a, b, c = sys.argv[1:]\n"
+        "assert main(['convert', 'hf-to-orbax', a, b, '--quiet']) == 0\n"
+        "assert main(['convert', 'orbax-to-hf', b, c, '--quiet']) == 0\n"
+        "assert main(['convert', 'verify', a, c]) == 0\n"
+        "assert main(['convert', 'verify', b, c]) == 0\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'orbax')))\n")
+    result = subprocess.run([sys.executable, "-c", script, hf_dir, str(tmp_path / "orbax"), str(tmp_path / "hf")],
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 # ------------------------------------------------------------------------------------------------ LoRA runs
 @pytest.fixture(scope="module")
 def lora_run(hf_dir, tmp_path_factory):
     """A LoRA run directory written by hand: adapters (B not zero) and a trained embedding at step 3."""
     run_dir = str(tmp_path_factory.mktemp("run") / "run")
     os.makedirs(run_dir)
-    run_model = checkpoint.RunModel(base=hf_dir, dtype="float32",
+    run_model = runs.RunModel(base=hf_dir, dtype="float32",
                                     lora={"rank": 4, "alpha": 8.0, "dropout": 0.0},
                                     modules_to_save=("embed_tokens",), lora_seed=1)
-    checkpoint.write_manifest(run_dir, run_model)
+    runs.write_manifest(run_dir, run_model)
     model = checkpoint.build_model(run_model)
     key = jax.random.key(7)
     for path, variable in nnx.iter_graph(model):

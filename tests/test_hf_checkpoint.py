@@ -15,9 +15,9 @@ import torch
 from flax import nnx
 from safetensors.torch import load_file, save_file
 
-from mixtral_jax import hf_checkpoint
 from mixtral_jax.config import ConfigError, MixtralConfig
-from mixtral_jax.hf_checkpoint import from_pretrained, legacy_mappings, save_pretrained
+from mixtral_jax.hf_checkpoint import from_pretrained, save_pretrained
+from mixtral_jax.layout import legacy_mappings
 from mixtral_jax.safetensors_io import CheckpointError, SafetensorsFile
 
 NAME = "gqa2_top2"  # one config is enough here; the parity tests cover the others
@@ -507,11 +507,11 @@ def test_reads_ahead_on_several_threads_write_the_same_bytes(legacy_model, tmp_p
     import functools
     import time
 
-    from mixtral_jax import direct_io
+    from mixtral_jax import direct_io, hf_files
     from mixtral_jax.host_arrays import BufferRing
     from mixtral_jax.layer_tensors import ModelSource
 
-    monkeypatch.setattr(hf_checkpoint, "BufferRing", functools.partial(BufferRing, min_bytes=0))
+    monkeypatch.setattr(hf_files, "BufferRing", functools.partial(BufferRing, min_bytes=0))
     source = ModelSource(legacy_model)
     delays = iter(np.random.default_rng(0).uniform(0, 0.01, 10_000))
 
@@ -530,8 +530,8 @@ def test_reads_ahead_on_several_threads_write_the_same_bytes(legacy_model, tmp_p
     written = {}
     for read_ahead in (1, 3):
         out = tmp_path / f"ahead{read_ahead}"
-        hf_checkpoint.write_pretrained(legacy_model.config, source.read, out, read_part=slow_part,
-                                       read_ahead=read_ahead, max_shard_bytes=20_000)
+        hf_files.write_pretrained(legacy_model.config, source.read, out, read_part=slow_part,
+                                  read_ahead=read_ahead, max_shard_bytes=20_000)
         written[read_ahead] = read_dir(out)
     assert written[1].keys() == written[3].keys() and len(written[1]) > 10
     for key, tensor in written[1].items():

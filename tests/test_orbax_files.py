@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mixtral_jax.orbax_files import PyTreeWriter, crc32c, read_into
-from mixtral_jax.orbax_model import _flat
+from mixtral_jax.orbax_model import flatten
 from mixtral_jax.sharding import make_mesh
 
 ocp = pytest.importorskip("orbax.checkpoint.experimental.v1")
@@ -30,7 +30,7 @@ def _tree() -> dict:
 def _written(directory, tree: dict, leaves=None) -> str:
     """`tree` written with PyTreeWriter (its leaves in the order given)."""
     writer = PyTreeWriter(directory)
-    for keys, leaf in leaves or _flat(tree).items():
+    for keys, leaf in leaves or flatten(tree).items():
         writer.write(keys, leaf)
     writer.finalize()
     return str(directory)
@@ -52,7 +52,7 @@ def test_files_equal_orbax_save_pytree(tmp_path):
     ctx.array.saving.use_compression = False
     with ctx:
         ocp.save(tmp_path / "orbax", tree)
-    _written(tmp_path / "ours", tree, reversed(list(_flat(tree).items())))  # any order
+    _written(tmp_path / "ours", tree, reversed(list(flatten(tree).items())))  # any order
     theirs, ours = _files(tmp_path / "orbax"), _files(tmp_path / "ours")
     assert sorted(ours) == sorted(theirs)
     assert "state/layers.000.w1.003/c/0/0/0" in ours and "state/norm" not in ours
@@ -89,7 +89,7 @@ def test_a_key_written_twice_is_refused(tmp_path):
 def test_read_into_reads_our_files_and_declines_any_other_layout(tmp_path):
     tree = _tree()
     _written(tmp_path / "ours", tree)
-    for keys, leaf in _flat(tree).items():
+    for keys, leaf in flatten(tree).items():
         out = np.empty_like(leaf)
         assert read_into(tmp_path / "ours", keys, out)
         assert np.array_equal(out.view(np.uint8), leaf.view(np.uint8)), keys

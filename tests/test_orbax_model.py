@@ -162,8 +162,8 @@ def test_layout_on_disk(orbax_dir):
     assert orbax_model.is_orbax_model(orbax_dir)
     (part,) = _part_trees(orbax_dir)
     tree: dict = {}
-    for keys, leaf in orbax_model._flat(part).items():
-        orbax_model._nest(keys, leaf, tree)
+    for keys, leaf in orbax_model.flatten(part).items():
+        orbax_model.nest(keys, leaf, tree)
     assert sorted(tree["layers"]) == ["000", "001"]
     w1 = tree["layers"]["001"]["block_sparse_moe"]["w1"]  # one key per expert
     assert sorted(w1) == ["000", "001", "002", "003"] and tuple(w1["002"].shape) == (32, 64)
@@ -198,11 +198,11 @@ def test_two_part_ocdbt_checkpoints_of_earlier_versions_are_still_read(orbax_dir
 
     old = tmp_path / "old"
     shutil.copytree(orbax_dir, old, ignore=shutil.ignore_patterns("weights"))
-    leaves = list(orbax_model._flat(ocp.load(os.path.join(orbax_dir, "weights"))).items())
+    leaves = list(orbax_model.flatten(ocp.load(os.path.join(orbax_dir, "weights"))).items())
     for k in range(2):
         part: dict = {}
         for keys, leaf in leaves[k::2]:
-            orbax_model._nest(keys, leaf, part)
+            orbax_model.nest(keys, leaf, part)
         ocp.save(old / "weights" / str(k), part)
     assert os.path.isfile(old / "weights" / "0" / "state" / "manifest.ocdbt")
     marker = json.load(open(old / orbax_model.MARKER))

@@ -15,7 +15,7 @@ import torch
 from flax import nnx
 
 import mixtral_jax as mj
-from mixtral_jax import checkpoint
+from mixtral_jax import checkpoint, runs
 from mixtral_jax.cli import main
 from mixtral_jax.lora import TARGETS, LoRAParam, LoraConfig
 from mixtral_jax.peft_adapters import CONFIG_FILE, WEIGHTS_FILE, load_peft_adapter, save_peft_adapter
@@ -213,11 +213,11 @@ def test_existing_out_dir_is_refused_unless_overwrite(exported, tmp_path):
 def test_cli_exports_a_run_and_imports_the_adapter(exported, tmp_path, capsys):
     """export-peft takes a run's latest trained weights and manifest; import-peft loads them onto the base."""
     directory, model, _ = exported
-    run_model = checkpoint.RunModel(base=directory, dtype="float32", lora=dict(rank=4, alpha=8.0, dropout=0.0),
+    run_model = runs.RunModel(base=directory, dtype="float32", lora=dict(rank=4, alpha=8.0, dropout=0.0),
                                     modules_to_save=MODULES)
     run_dir = str(tmp_path / "run")
     os.makedirs(run_dir)
-    checkpoint.write_manifest(run_dir, run_model)
+    runs.write_manifest(run_dir, run_model)
     manager = checkpoint.open_manager(run_dir, async_save=False)
     checkpoint.save(manager, 3, nnx.state(model, run_model.trainable()), {"count": jnp.int32(3)}, {"step": 3})
     manager.close()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import mixtral_jax as mj
-from mixtral_jax import checkpoint
+from mixtral_jax import checkpoint, runs
 from train import loop
 from train.config import ConfigError, load_config
 from mixtral_jax.corpora import peoples_daily
@@ -131,7 +131,7 @@ def test_from_pretrained_run_dir_gives_the_trained_model_and_merging_keeps_its_l
     _run(str(tmp_path), corpus, "model.quantize=none", "steps=4", "lora.dropout=0.0")
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 32000, (2, 16)))
     trained = mj.from_pretrained(str(tmp_path))
-    base = mj.from_pretrained(checkpoint.base_path("bundled:tiny"), "float32")
+    base = mj.from_pretrained(runs.base_path("bundled:tiny"), "float32")
     merged = checkpoint.load_run(str(tmp_path), merge=True)
     assert trained.lora is not None and merged.lora is None
     trained_logits = np.asarray(trained(ids).logits)
@@ -174,7 +174,7 @@ def test_the_trainer_starts_from_an_orbax_nf4_checkpoint(straight, corpus, tmp_p
     from mixtral_jax.cli import main
 
     orbax_dir = tmp_path / "orbax"
-    assert main(["convert", "hf-to-orbax", checkpoint.base_path("bundled:tiny"), str(orbax_dir), "--quantize",
+    assert main(["convert", "hf-to-orbax", runs.base_path("bundled:tiny"), str(orbax_dir), "--quantize",
                  "nf4", "--dtype", "float32", "--quiet"]) == 0
     _run(str(tmp_path / "run"), corpus, f"model.path={orbax_dir}", "steps=2")
     assert _losses(str(tmp_path / "run"))[1] == _losses(straight[0])[1]  # step 1: same base, batch, dropout

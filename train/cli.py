@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-from mixtral_jax.lora import LoraConfig
 from mixtral_jax.settings import add_settings_arguments
 
 _CHILD = "MIXTRAL_JAX_PLAN_CHILD"  # set in the re-run, so that it never re-runs itself again
@@ -102,6 +101,7 @@ def run(args) -> int:
     from jax._src import xla_bridge
 
     from mixtral_jax.config import MixtralConfig, parse_overrides
+    from mixtral_jax.lora import LoraConfig
     from mixtral_jax.sharding import MeshError
     from train.plan import ensure_cpu_devices, format_plan, mesh_device_count, plan
 

@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from mixtral_jax import checkpoint, paths, texts as text_sources
+from mixtral_jax import checkpoint, paths, runs, texts as text_sources
 from mixtral_jax.config import ConfigError
 from mixtral_jax.distributed import global_batch, host_rows, initialize
 from mixtral_jax.flops import chip_peak_flops, flop_counts, measure_matmul_peak
@@ -38,9 +38,9 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last checkpoint is left as it was."""
 
 
-def run_model_of(config: TrainConfig) -> checkpoint.RunModel:
+def run_model_of(config: TrainConfig) -> runs.RunModel:
     lora = config.lora
-    return checkpoint.RunModel(
+    return runs.RunModel(
         base=config.model.path, dtype=config.model.dtype, quantize=config.model.quantize,
         lora=dict(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=list(lora.targets))
         if lora.enabled else None,
@@ -66,17 +66,17 @@ def build_arrays(config: TrainConfig, sources, tokenizer, replay: bool = False) 
     return arrange(examples, data.seq_len, tokenizer.eos_id), dropped
 
 
-def _prepare_run_dir(config: TrainConfig, run_model: checkpoint.RunModel, writer: bool) -> None:
+def _prepare_run_dir(config: TrainConfig, run_model: runs.RunModel, writer: bool) -> None:
     """The resolved config and the model manifest; a run directory of a different model is refused."""
     if not paths.is_remote(config.run_dir):  # an object store has no directories to make
         os.makedirs(config.run_dir, exist_ok=True)
-    if checkpoint.is_run_dir(config.run_dir):
-        existing = checkpoint.read_manifest(config.run_dir)
+    if runs.is_run_dir(config.run_dir):
+        existing = runs.read_manifest(config.run_dir)
         if existing != run_model:
-            raise ConfigError(f"{os.path.join(config.run_dir, checkpoint.MANIFEST)}: this run directory trains "
+            raise ConfigError(f"{os.path.join(config.run_dir, runs.MANIFEST)}: this run directory trains "
                               f"another model ({existing}); use a new run_dir")
     if writer:
-        checkpoint.write_manifest(config.run_dir, run_model)
+        runs.write_manifest(config.run_dir, run_model)
         paths.write_text(os.path.join(config.run_dir, CONFIG_FILE),
                          yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
 
