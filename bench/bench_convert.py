@@ -1,15 +1,17 @@
 """The converters at Mixtral-8x7B's real layer widths: throughput and peak memory against a plain `cp`.
 
-    python -m bench.bench_convert [--layers 2] [--dir /tmp/bench-convert] [--json OUT] [--keep]
+    python -m bench.bench_convert [--layers 2] [--repeats 3] [--nf4] [--dir /tmp/bench-convert] [--json OUT] [--keep]
 
 Writes a synthetic HF checkpoint (legacy per-expert layout, bf16, two shards) with Mixtral-8x7B's widths
 (hidden 4096, intermediate 14336, 8 experts, 32 heads, 8 kv heads, vocab 32000) and `--layers` layers
 (2: ~6.2 GB), then times, each in its own process under `/usr/bin/time -v`: `cp -r` of that directory,
 `cp -r` followed by `sync` (the durable copy: the converters sync every file they write before publishing
 the output, `cp` leaves dirty pages behind), `mixtral-jax convert hf-to-orbax`, `mixtral-jax convert
-orbax-to-hf` and `mixtral-jax convert verify` of the round trip, each from the same state (`settle`).
-Reports seconds, GB/s of checkpoint bytes, the ratio to `cp`'s rate, and peak RSS: GNU time's (the largest
-single process) and the peak of the sum over the command's processes (should a step start any).
+orbax-to-hf` and `mixtral-jax convert verify` of the round trip (and with `--nf4` `hf-to-orbax --quantize
+nf4`), each from the same state (`settle`), `--repeats` times. Reports, per step, the median seconds and
+their range, GB/s of checkpoint bytes, the ratio to the rate of `cp` in the same run (median and range: the
+disk's speed changes from run to run), and peak RSS: GNU time's (the largest single process) and the peak of
+the sum over the command's processes (should a step start any).
 Every layer of the real model has the same tensors, so the peak memory measured here is the real model's;
 time scales with the bytes (the README extrapolates to 93 GB).
 """
@@ -121,19 +123,11 @@ def timed(argv: list[str]) -> dict:
             "returncode": proc.returncode, "stdout_tail": stdout[-500:]}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--dir", default="/tmp/bench-convert", help="work directory (needs ~4x the checkpoint)")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    args = parser.parse_args(argv)
-    shutil.rmtree(args.dir, ignore_errors=True)
-    hf, copy, orbax, back = (os.path.join(args.dir, name) for name in ("hf", "cp", "orbax", "hf-back"))
-    print(f"writing a synthetic {args.layers}-layer checkpoint at Mixtral-8x7B widths ...", file=sys.stderr)
-    nbytes = write_synthetic(hf, args.layers)
+def run_steps(hf: str, work: str, nf4: bool) -> dict[str, dict]:
+    """One run of every step, each from the same state (`settle`); the outputs are removed afterwards."""
+    copy, orbax, back, quantized = (os.path.join(work, name) for name in ("cp", "orbax", "hf-back", "nf4"))
     cli = [sys.executable, "-m", "mixtral_jax.cli", "convert"]
-    dropped = settle(hf)
+    settle(hf)
     runs = {"cp": timed(["cp", "-r", hf, copy])}
     settle(hf)
     runs["cp + sync"] = timed(["sh", "-c", f'rm -rf "{copy}" && cp -r "{hf}" "{copy}" && sync'])
@@ -146,25 +140,66 @@ def main(argv=None) -> int:
     runs["verify"] = timed([*cli, "verify", hf, back])
     if runs["verify"]["returncode"] != 0:
         raise RuntimeError(f"the round trip differs:\n{runs['verify']['stdout_tail']}")
+    if nf4:
+        settle(hf)
+        runs["hf-to-orbax --quantize nf4"] = timed([*cli, "hf-to-orbax", hf, quantized, "--quantize", "nf4", "--quiet"])
+    for path in (orbax, back, quantized):
+        shutil.rmtree(path, ignore_errors=True)
+    return runs
+
+
+def summarise(runs: list[dict[str, dict]], nbytes: int) -> list[dict]:
+    """Per step over the runs: median seconds and their range, and the rate against each run's own `cp` and
+    `cp` + `sync` (median and range: the disk's speed changes from run to run), peak memory the largest."""
     gb = nbytes / 1e9
-    cp_rate = gb / runs["cp"]["seconds"]
-    durable_rate = gb / runs["cp + sync"]["seconds"]
     rows = []
-    for name, run in runs.items():
-        rate = gb / run["seconds"]
-        rows.append({"step": name, "seconds": run["seconds"], "gb_per_s": rate, "vs_cp": rate / cp_rate,
-                     "vs_cp_sync": rate / durable_rate, "peak_rss_mb": run["peak_rss_mb"],
-                     "peak_tree_rss_mb": run["peak_tree_rss_mb"]})
+    for name in runs[0]:
+        seconds = [run[name]["seconds"] for run in runs]
+        vs_cp = [run["cp"]["seconds"] / run[name]["seconds"] for run in runs]
+        vs_sync = [run["cp + sync"]["seconds"] / run[name]["seconds"] for run in runs]
+        rows.append({"step": name, "seconds": float(np.median(seconds)), "seconds_range": [min(seconds), max(seconds)],
+                     "gb_per_s": gb / float(np.median(seconds)), "vs_cp": float(np.median(vs_cp)),
+                     "vs_cp_range": [min(vs_cp), max(vs_cp)], "vs_cp_sync": float(np.median(vs_sync)),
+                     "vs_cp_sync_range": [min(vs_sync), max(vs_sync)],
+                     "peak_rss_mb": max(run[name]["peak_rss_mb"] for run in runs),
+                     "peak_tree_rss_mb": max(run[name]["peak_tree_rss_mb"] for run in runs)})
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every step (medians and ranges reported)")
+    parser.add_argument("--nf4", action="store_true", help="also time hf-to-orbax --quantize nf4")
+    parser.add_argument("--dir", default="/tmp/bench-convert", help="work directory (needs ~4x the checkpoint)")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    shutil.rmtree(args.dir, ignore_errors=True)
+    hf = os.path.join(args.dir, "hf")
+    print(f"writing a synthetic {args.layers}-layer checkpoint at Mixtral-8x7B widths ...", file=sys.stderr)
+    nbytes = write_synthetic(hf, args.layers)
+    dropped = settle(hf)
+    runs = []
+    for i in range(args.repeats):
+        print(f"run {i + 1} of {args.repeats} ...", file=sys.stderr)
+        runs.append(run_steps(hf, args.dir, args.nf4))
+    rows = summarise(runs, nbytes)
     settled = "dropped before each step, inputs read in" if dropped else "not dropped (needs root)"
-    print(f"checkpoint: {args.layers} layers at Mixtral-8x7B widths, bf16, {gb:.2f} GB; page cache {settled}")
+    print(f"checkpoint: {args.layers} layers at Mixtral-8x7B widths, bf16, {nbytes / 1e9:.2f} GB; page cache "
+          f"{settled}; {args.repeats} runs: medians, [range]")
     print("| step | seconds | GB/s | rate / cp | rate / (cp + sync) | peak RSS MB, largest process | all processes |"
           "\n|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['step']} | {r['seconds']:.1f} | {r['gb_per_s']:.3f} | {r['vs_cp']:.2f} | {r['vs_cp_sync']:.2f} | "
+        print(f"| {r['step']} | {r['seconds']:.1f} [{r['seconds_range'][0]:.1f}-{r['seconds_range'][1]:.1f}] | "
+              f"{r['gb_per_s']:.2f} | {r['vs_cp']:.2f} [{r['vs_cp_range'][0]:.2f}-{r['vs_cp_range'][1]:.2f}] | "
+              f"{r['vs_cp_sync']:.2f} [{r['vs_cp_sync_range'][0]:.2f}-{r['vs_cp_sync_range'][1]:.2f}] | "
               f"{r['peak_rss_mb']:,.0f} | {r['peak_tree_rss_mb']:,.0f} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"layers": args.layers, "bytes": nbytes, "cache_dropped": dropped, "rows": rows}, f, indent=2)
+            json.dump({"layers": args.layers, "bytes": nbytes, "cache_dropped": dropped, "repeats": args.repeats,
+                       "rows": rows, "runs": [{name: {k: v for k, v in run.items() if k != "stdout_tail"}
+                                               for name, run in r.items()} for r in runs]}, f, indent=2)
             f.write("\n")
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)

@@ -49,12 +49,18 @@ def nf4_templates(config: MixtralConfig) -> dict[str, NF4Weight]:
 
 
 def layer_quantizer(config: MixtralConfig) -> Callable[[str, np.ndarray], dict[str, np.ndarray]]:
-    """(param, one layer's slice) -> its NF4 arrays {"packed", "absmax"}, exactly `quantize_base`'s for that
-    layer."""
+    """(param, one layer's slice, or one expert's matrix of it) -> its NF4 arrays {"packed", "absmax"},
+    exactly `quantize_base`'s for that slice (an expert's blocks run along its rows, so quantising the experts
+    one by one gives the layer's bits). Compiled once per parameter and shape: eager, XLA materialises every
+    fp32 intermediate (several GB for a layer's experts at 8x7B's widths)."""
     axes = {name: v.get_metadata()["logical_axes"] for name, v in _named_params(abstract_model(config))}
+    compiled: dict[tuple, Callable] = {}
 
     def quantize(param: str, array: np.ndarray) -> dict[str, np.ndarray]:
-        q = quantize_weight(jnp.asarray(array)[None], axes[param], leading=1)
+        key = (param, array.shape, str(array.dtype))
+        if key not in compiled:
+            compiled[key] = jax.jit(lambda x: quantize_weight(x[None], axes[param], leading=1))
+        q = compiled[key](array)
         return {"packed": np.asarray(q.packed[0]), "absmax": np.asarray(q.absmax[0])}
 
     return quantize

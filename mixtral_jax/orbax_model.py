@@ -27,7 +27,7 @@ layer-tensor at a time and restored onto any mesh. `mixtral-jax convert hf-to-or
       With quantize nf4 every weight that `quantized.quantize_base` quantises (q/k/v/o_proj, gate, w1-w3) is
       stored as its two arrays, `.../q_proj/packed` (uint8) and `.../q_proj/absmax` (fp32), exactly
       `quantize_base(model)`'s arrays for that layer (so ~0.56 bytes per quantised parameter on disk); the NF4
-      experts stay one key per layer-tensor ([E, ...] packed), as quantised from the whole layer-tensor.
+      experts stay one key per layer-tensor ([E, ...] packed), quantised one expert at a time (the same bits).
 
 Writing goes leaf by leaf (one layer-tensor, or one expert's matrix for w1-w3), each written with O_DIRECT
 by `orbax_files.PyTreeWriter` while the next two are read and transposed on other threads, so the disk and
@@ -115,9 +115,13 @@ def is_quantized(param: str) -> bool:
     return param.startswith("layers.") and param.split(".")[-1] in QUANTIZED
 
 
+def is_expert(param: str) -> bool:
+    return param.startswith("layers.block_sparse_moe.") and param.split(".")[-1] in EXPERTS
+
+
 def per_expert(param: str, marker: dict) -> bool:
     """Whether `param` is stored one key per expert (unquantised w1-w3)."""
-    return (marker.get("quantize") == "none" and param.startswith("layers.block_sparse_moe.") and param.split(".")[-1] in EXPERTS)
+    return marker.get("quantize") == "none" and is_expert(param)
 
 
 def expert_key(param: str, layer: int, expert: int) -> tuple[str, ...]:
@@ -286,6 +290,14 @@ def _tasks(source: HFSource, quantize: str) -> list[tuple[tuple[str, ...], Calla
         array = source.read(param, layer, out)
         return quantize_layer(param, array), array.size
 
+    def nf4_experts(param, layer, out=None):  # the same, read and quantised one expert's matrix at a time
+        leaves = {}
+        for e in range(experts):
+            expert = source.read_part(param, layer, (e,), out)
+            for name, array in quantize_layer(param, expert).items():
+                leaves.setdefault(name, np.empty((experts, *array.shape), array.dtype))[e] = array
+        return leaves, experts * expert.size
+
     experts = config.num_local_experts
     tasks = []
     for param, layer in source.items():
@@ -293,6 +305,9 @@ def _tasks(source: HFSource, quantize: str) -> list[tuple[tuple[str, ...], Calla
         if per_expert(param, marker):
             tasks += [(expert_key(param, layer, e), functools.partial(source.read_part, param, layer, (e,)),
                        (param, layer) if e == experts - 1 else None, (shape[1:], dtype)) for e in range(experts)]
+        elif quantize == "nf4" and is_expert(param):
+            tasks.append((leaf_key(param, layer), functools.partial(nf4_experts, param, layer), (param, layer),
+                          (shape[1:], dtype)))
         elif quantize == "nf4" and is_quantized(param):
             tasks.append((leaf_key(param, layer), functools.partial(nf4, param, layer), (param, layer),
                           (shape, dtype)))

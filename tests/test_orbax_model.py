@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from convert.orbax_hf import orbax_to_hf
 from mixtral_jax import orbax_model
 from mixtral_jax.config import MixtralConfig
-from mixtral_jax.hf_checkpoint import from_pretrained, save_pretrained
+from mixtral_jax.hf_checkpoint import _named_params, from_pretrained, save_pretrained
 from mixtral_jax.model import Mixtral
 from mixtral_jax.quantized import NF4Weight, quantize_base
 from mixtral_jax.sharding import make_mesh
@@ -323,12 +323,17 @@ def test_nf4_checkpoint_is_packed_and_equals_quantize_base(wide_hf, tmp_path):
 
     restored = from_pretrained(str(tmp_path / "nf4"))
     expected = quantize_base(from_pretrained(wide_hf))
-    q = restored.layers.block_sparse_moe.w1.get_value()
-    assert isinstance(q, NF4Weight)
-    e = expected.layers.block_sparse_moe.w1.get_value()
-    np.testing.assert_array_equal(np.asarray(q.packed), np.asarray(e.packed))
-    np.testing.assert_array_equal(np.asarray(q.absmax), np.asarray(e.absmax))
-    assert (q.shape, q.dtype, q.axes, q.by_rows) == (e.shape, e.dtype, e.axes, e.by_rows)
+    expected_params = dict(_named_params(expected))
+    quantized = 0
+    for name, variable in _named_params(restored):  # the experts were quantised one expert at a time
+        q, e = variable.get_value(), expected_params[name].get_value()
+        assert isinstance(q, NF4Weight) == isinstance(e, NF4Weight), name
+        if isinstance(q, NF4Weight):
+            quantized += 1
+            np.testing.assert_array_equal(np.asarray(q.packed), np.asarray(e.packed), err_msg=name)
+            np.testing.assert_array_equal(np.asarray(q.absmax), np.asarray(e.absmax), err_msg=name)
+            assert (q.shape, q.dtype, q.axes, q.by_rows) == (e.shape, e.dtype, e.axes, e.by_rows), name
+    assert quantized == 8
     ids = INPUT_IDS % 128
     np.testing.assert_array_equal(np.asarray(_logits(restored, ids)), np.asarray(_logits(expected, ids)))
     sharded = from_pretrained(str(tmp_path / "nf4"), mesh=make_mesh("fsdp=2,expert=4"))
