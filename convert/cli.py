@@ -52,6 +52,10 @@ def register(commands) -> None:
     _dtype_argument(to_orbax)
     to_orbax.add_argument("--quantize", default="none", choices=["none", "nf4"],
                           help="nf4: store the decoder's linear weights as packed NF4 (the QLoRA base)")
+    to_orbax.add_argument("--mesh", default=None, metavar="SPEC",
+                          help="store each array in chunks of one device's shard on this mesh (e.g. "
+                               "fsdp=8,expert=4, every size given), as Orbax saves arrays sharded there: "
+                               "restoring onto it reads only each device's chunks; any mesh can restore it")
     _output_arguments(to_orbax)
     to_orbax.set_defaults(run=run_hf_to_orbax)
 
@@ -146,8 +150,8 @@ def run_hf_to_orbax(args) -> int:
 
     from convert.orbax_hf import hf_to_orbax
 
-    summary = hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype, quantize=args.quantize, overwrite=args.overwrite,
-                          show_progress=not args.quiet)
+    summary = hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype, quantize=args.quantize, mesh=args.mesh,
+                          overwrite=args.overwrite, show_progress=not args.quiet)
     print(json.dumps({"wrote": args.out, **summary}))
     return 0
 

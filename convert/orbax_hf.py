@@ -34,9 +34,9 @@ def _refuse_existing(out: str, overwrite: bool) -> None:
         raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
 
 
-def hf_to_orbax(hf_dir: str, out: str, dtype: str = "keep", quantize: str = "none", overwrite: bool = False,
-                show_progress: bool = True) -> dict:
-    return convert_hf(hf_dir, out, dtype=None if dtype == "keep" else dtype, quantize=quantize,
+def hf_to_orbax(hf_dir: str, out: str, dtype: str = "keep", quantize: str = "none", mesh: str | None = None,
+                overwrite: bool = False, show_progress: bool = True) -> dict:
+    return convert_hf(hf_dir, out, dtype=None if dtype == "keep" else dtype, quantize=quantize, mesh=mesh,
                       overwrite=overwrite, show_progress=show_progress)
 
 

@@ -7,6 +7,7 @@ host-side reader and writer there, the only parts of those that need JAX.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable
 
@@ -64,6 +65,38 @@ def layer_quantizer(config: MixtralConfig) -> Callable[[str, np.ndarray], dict[s
         return {"packed": np.asarray(q.packed[0]), "absmax": np.asarray(q.absmax[0])}
 
     return quantize
+
+
+def storage_chunks(config: MixtralConfig, quantize: str, mesh: str) -> dict[str, tuple | dict[str, tuple]]:
+    """Our parameter name -> the chunk shape of the array it is stored as (one layer's slice, or one expert's
+    matrix where the experts are stored one per key; {"packed", "absmax"} shapes for an NF4 weight): one
+    device's shard of it on `mesh` (a spec such as "fsdp=2,expert=4", every size given: no devices needed),
+    by the logical-axis rules. Restoring onto that mesh then reads each device's chunks alone."""
+    from types import SimpleNamespace
+
+    from mixtral_jax import sharding
+
+    sizes = sharding.parse_mesh_spec(mesh, sharding.mesh_device_count(mesh))
+    shape_only = SimpleNamespace(shape=sizes)  # all logical_to_spec asks of a mesh
+    rules = sharding.default_rules()
+    marker = {"quantize": quantize}
+
+    def shard(name: str, shape: tuple, axes: tuple) -> tuple:
+        spec = sharding.logical_to_spec(axes, shape, shape_only, rules)
+        split = [dim // math.prod(sizes[a] for a in ((s,) if isinstance(s, str) else s or ())) for dim, s in
+                 zip(shape, spec)]
+        stacked = 2 if per_expert(name, marker) else 1 if name.startswith("layers.") else 0
+        return tuple(split[stacked:])
+
+    chunks = {}
+    for name, variable in _named_params(abstract_model(config, quantize=quantize)):
+        value = variable.get_value()
+        if isinstance(value, NF4Weight):
+            chunks[name] = {"packed": shard(name, value.packed.shape, value.axes),
+                            "absmax": shard(name, value.absmax.shape, value.axes)}
+        else:
+            chunks[name] = shard(name, value.shape, variable.get_metadata()["logical_axes"])
+    return chunks
 
 
 def dequantize_layer(template: NF4Weight, leaves: dict[str, np.ndarray]) -> np.ndarray:
@@ -161,4 +194,4 @@ def _cast(x, dtype, sharding):
 
 
 
-__all__ = ["abstract_model", "dequantize_layer", "load", "layer_quantizer", "nf4_templates"]
+__all__ = ["abstract_model", "dequantize_layer", "layer_quantizer", "load", "nf4_templates", "storage_chunks"]

@@ -227,16 +227,17 @@ class Weights:
         return owners[keys]
 
 
-
 # ------------------------------------------------------------------------------------------------ writing
 READ_AHEAD = 2  # leaves read (and transposed) ahead of the one being written
 
 
-def convert_hf(hf_dir: str, out: str, *, dtype: str | None = None, quantize: str = "none", overwrite: bool = False,
-               show_progress: bool = False) -> dict:
+def convert_hf(hf_dir: str, out: str, *, dtype: str | None = None, quantize: str = "none", mesh: str | None = None,
+               overwrite: bool = False, show_progress: bool = False) -> dict:
     """Streams an HF directory (legacy or fused layout, sharded or not) into an Orbax model checkpoint at `out`.
 
-    `dtype` None keeps the checkpoint's dtype. Returns a summary (bytes read and written)."""
+    `dtype` None keeps the checkpoint's dtype. `mesh` (a spec, "fsdp=2,expert=4") stores each array in chunks
+    of one device's shard on that mesh, as Orbax saves arrays sharded there: restoring onto it reads only
+    each device's chunks (any other mesh still restores it). Returns a summary (bytes read and written)."""
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, not {quantize!r}")
     out = os.fspath(out)
@@ -244,23 +245,29 @@ def convert_hf(hf_dir: str, out: str, *, dtype: str | None = None, quantize: str
         raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
     source = HFSource(hf_dir, dtype)
     config = source.config
+    chunks = {}
+    if mesh:  # the logical axes of every parameter are the Flax model's: JAX is imported for this
+        from mixtral_jax.orbax_load import storage_chunks
+
+        chunks = storage_chunks(config, quantize, mesh)
     stored = {"read_bytes": 0, "quantized_params": 0, "quantized_bytes": 0, "other_bytes": 0}
     with output_directory(out) as tmp, tqdm(total=source.total_bytes(), unit="B", unit_scale=True,
                                             desc=f"hf-to-orbax {os.path.basename(out)}",
                                             disable=not show_progress) as bar:
         writer = PyTreeWriter(os.path.join(tmp, WEIGHTS))
-        for key, leaf, item in _read_ahead(_tasks(source, quantize)):
+        for key, leaf, item, completes in _read_ahead(_tasks(source, quantize)):
+            chunk = chunks.get(item[0])
             if isinstance(leaf, tuple):  # NF4
                 leaf, count = leaf
                 stored["quantized_params"] += count
                 for name, array in leaf.items():
-                    writer.write((*key, name), array)
+                    writer.write((*key, name), array, chunk and chunk[name])
                     stored["quantized_bytes"] += array.nbytes
             else:
-                writer.write(key, leaf)
+                writer.write(key, leaf, chunk)
                 stored["other_bytes"] += leaf.nbytes
-            if item is not None:
-                read = source.new_bytes(tuple(item))
+            if completes:
+                read = source.new_bytes(item)
                 stored["read_bytes"] += read
                 bar.update(read)
             del leaf
@@ -276,9 +283,10 @@ def convert_hf(hf_dir: str, out: str, *, dtype: str | None = None, quantize: str
     return stored
 
 
-def _tasks(source: HFSource, quantize: str) -> list[tuple[tuple[str, ...], Callable, Item | None, tuple]]:
-    """(Orbax key, reader of its leaf, the item it completes or None, (shape, dtype) of the buffer the reader
-    fills), in the order the source holds them. A reader takes that buffer (or None: a new one)."""
+def _tasks(source: HFSource, quantize: str) -> list[tuple[tuple[str, ...], Callable, Item, bool, tuple]]:
+    """(Orbax key, reader of its leaf, the item it is (part of), whether it completes that item, (shape, dtype)
+    of the buffer the reader fills), in the order the source holds them. A reader takes that buffer (or None:
+    a new one)."""
     config = source.config
     marker = {"version": VERSION, "quantize": quantize}
     if quantize == "nf4":  # the one step of the conversion that needs JAX
@@ -304,21 +312,21 @@ def _tasks(source: HFSource, quantize: str) -> list[tuple[tuple[str, ...], Calla
         shape, dtype = source.shapes[param]
         if per_expert(param, marker):
             tasks += [(expert_key(param, layer, e), functools.partial(source.read_part, param, layer, (e,)),
-                       (param, layer) if e == experts - 1 else None, (shape[1:], dtype)) for e in range(experts)]
+                       (param, layer), e == experts - 1, (shape[1:], dtype)) for e in range(experts)]
         elif quantize == "nf4" and is_expert(param):
             tasks.append((leaf_key(param, layer), functools.partial(nf4_experts, param, layer), (param, layer),
-                          (shape[1:], dtype)))
+                          True, (shape[1:], dtype)))
         elif quantize == "nf4" and is_quantized(param):
             tasks.append((leaf_key(param, layer), functools.partial(nf4, param, layer), (param, layer),
-                          (shape, dtype)))
+                          True, (shape, dtype)))
         else:
             tasks.append((leaf_key(param, layer), functools.partial(source.read, param, layer), (param, layer),
-                          (shape, dtype)))
+                          True, (shape, dtype)))
     return tasks
 
 
-def _read_ahead(tasks: list) -> Iterator[tuple[tuple[str, ...], object, Item | None]]:
-    """(key, leaf, item) for each of `_tasks`' tasks in order, the next `READ_AHEAD` read on other threads
+def _read_ahead(tasks: list) -> Iterator[tuple[tuple[str, ...], object, Item, bool]]:
+    """(key, leaf, item, completes) for each of `_tasks`' tasks in order, the next `READ_AHEAD` read on other threads
     while the caller writes one: the reads (file copies, transposes) and the O_DIRECT writes overlap, and at
     most READ_AHEAD + 1 leaves are held. Each read fills a buffer of a ring taken here, in order, when it is
     submitted, so a buffer comes back only after the leaf that last held it was written (fresh memory for
@@ -327,16 +335,16 @@ def _read_ahead(tasks: list) -> Iterator[tuple[tuple[str, ...], object, Item | N
     with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="read-ahead") as pool:
 
         def submit(task):
-            _, read, _, (shape, dtype) = task
+            _, read, _, _, (shape, dtype) = task
             return pool.submit(read, ring.take(shape, dtype))
 
         pending = collections.deque(submit(task) for task in tasks[:READ_AHEAD])
         try:
-            for i, (key, _, item, _) in enumerate(tasks):
+            for i, (key, _, item, completes, _) in enumerate(tasks):
                 leaf = pending.popleft().result()
                 if i + READ_AHEAD < len(tasks):
                     pending.append(submit(tasks[i + READ_AHEAD]))
-                yield key, leaf, item
+                yield key, leaf, item, completes
                 del leaf
         finally:
             for future in pending:

@@ -79,6 +79,29 @@ def parse_mesh_spec(spec: str | Mapping[str, int], num_devices: int) -> dict[str
     return sizes
 
 
+def mesh_device_count(spec: str, devices: int | None = None) -> int:
+    """The devices a mesh spec needs: its product, or `devices` (checked against the spec)."""
+    if devices is not None:
+        if devices <= 0:
+            raise MeshError(f"--devices must be positive, got {devices}")
+        parse_mesh_spec(spec, devices)
+        return devices
+    names = [part.partition("=")[0].strip() for part in spec.split(",") if part.strip()]
+    for name in names:
+        if names.count(name) > 1:
+            raise MeshError(f"mesh spec '{spec}' names axis '{name}' twice")
+    try:
+        sizes = [int(part.partition("=")[2]) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        sizes = [1]
+    if -1 in sizes:
+        raise MeshError(f"mesh spec '{spec}' has a -1 axis: give every axis its size (or, to plan, the device count "
+                        f"with --devices)")
+    count = math.prod(sizes) if sizes and all(s > 0 for s in sizes) else 1
+    parse_mesh_spec(spec, count)  # the spec's own errors (unknown axis, bad size), in its words
+    return count
+
+
 def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | None = None,
               config: MixtralConfig | None = None) -> Mesh:
     """The mesh for `spec` over `devices` (default: all); with `config`, also checks the model fits it."""
@@ -185,5 +208,5 @@ def named_sharding(logical_axes: Sequence[str | None], shape: Sequence[int], mes
 
 
 __all__ = ["MESH_AXES", "MeshError", "active_mesh", "check_mesh_fits", "constrain",
-           "default_rules", "logical_to_spec", "make_mesh", "named_sharding", "param_placer",
+           "default_rules", "logical_to_spec", "make_mesh", "mesh_device_count", "named_sharding", "param_placer",
            "param_shardings", "parse_mesh_spec", "shard_model", "use_mesh"]

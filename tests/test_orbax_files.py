@@ -103,3 +103,42 @@ def test_read_into_reads_our_files_and_declines_any_other_layout(tmp_path):
     raw[-1] ^= 1  # the shard index's checksum
     shard.write_bytes(bytes(raw))
     assert not read_into(tmp_path / "ours", ("packed",), np.empty((64, 10), np.uint8))
+
+
+def test_chunks_equal_orbaxs_files_for_arrays_sharded_on_a_mesh(tmp_path):
+    """Chunks the size of a device's shard: the zarr.json and chunk files Orbax writes for an array sharded that
+    way, one replica writing each shard (its other files describe jax.Arrays, ours numpy arrays); read_into
+    and Orbax read them back."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    rng = np.random.default_rng(1)
+    mesh = make_mesh("fsdp=2,expert=2,tensor=2")
+    leaves = {("q",): (rng.standard_normal((16, 4, 8)).astype(ml_dtypes.bfloat16), ("fsdp", "tensor", None)),
+              ("w",): (rng.standard_normal((12, 32)).astype(np.float32), (None, ("expert", "tensor"))),
+              ("rows",): (rng.integers(0, 256, (8, 6), dtype=np.uint8), ("fsdp", None))}
+    sharded = {keys[0]: jax.device_put(leaf, NamedSharding(mesh, PartitionSpec(*spec)))
+               for keys, (leaf, spec) in leaves.items()}
+    ctx = ocp.Context()
+    ctx.array.saving.use_ocdbt = False
+    ctx.array.saving.use_compression = False
+    ctx.array.saving.use_replica_parallel = False  # else each replica writes a slice: smaller chunks
+    with ctx:
+        ocp.save(tmp_path / "orbax", sharded)
+    writer = PyTreeWriter(tmp_path / "ours")
+    for keys, (leaf, _) in leaves.items():
+        writer.write(keys, leaf, sharded[keys[0]].addressable_shards[0].data.shape)
+    writer.finalize()
+    arrays = ("state/q/", "state/w/", "state/rows/")
+    theirs = {n: b for n, b in _files(tmp_path / "orbax").items() if n.startswith(arrays)}
+    ours = {n: b for n, b in _files(tmp_path / "ours").items() if n.startswith(arrays)}
+    assert sorted(ours) == sorted(theirs) and "state/w/c/0/3" in ours and len(ours) == (4 + 1) + (4 + 1) + (2 + 1)
+    for name in ours:
+        assert ours[name] == theirs[name], name
+    restored = ocp.load(tmp_path / "ours")
+    for keys, (leaf, _) in leaves.items():
+        out = np.empty_like(leaf)
+        assert read_into(tmp_path / "ours", keys, out)
+        assert np.array_equal(out.view(np.uint8), leaf.view(np.uint8)), keys
+        np.testing.assert_array_equal(restored[keys[0]], leaf)
+    with pytest.raises(ValueError, match="does not divide"):
+        writer.write(("odd",), np.zeros((6, 4), np.float32), (4, 4))

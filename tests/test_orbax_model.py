@@ -286,6 +286,41 @@ def test_restore_equals_hf_load_and_goes_onto_a_mesh(sources, orbax_dir):
     np.testing.assert_allclose(logits_of(sharded), logits_of(reference), atol=1e-5, rtol=0)
 
 
+def _params(model) -> dict:
+    return {name: jax.tree.map(lambda x: np.asarray(jax.device_get(x)), v.get_value())
+            for name, v in _named_params(model)}
+
+
+def test_mesh_chunks_are_the_shards_and_change_no_value(sources, orbax_dir, tmp_path):
+    """--mesh: every array in chunks of one device's shard on that mesh; restored onto it (and onto another)
+    and converted back to HF, the values are those of the unchunked checkpoint."""
+    from mixtral_jax.cli import main
+
+    spec = "fsdp=2,expert=2,tensor=2"
+    out = tmp_path / "chunked"
+    assert main(["convert", "hf-to-orbax", sources["legacy-fp32-single"], str(out), "--mesh", spec, "--quiet"]) == 0
+    mesh = make_mesh(spec)
+    sharded = from_pretrained(str(out), mesh=mesh)
+    for param, keys, stacked in [("layers.block_sparse_moe.w1", "layers.001.block_sparse_moe.w1.003", 2),
+                                 ("layers.self_attn.q_proj", "layers.000.self_attn.q_proj", 1),
+                                 ("embed_tokens", "embed_tokens", 0)]:
+        with open(out / "weights" / "state" / keys / "zarr.json") as f:
+            chunk = json.load(f)["chunk_grid"]["configuration"]["chunk_shape"]
+        shard = dict(_named_params(sharded))[param].get_value().addressable_shards[0].data.shape
+        assert tuple(chunk) == shard[stacked:], param
+    assert sum(len(files) for _, _, files in os.walk(out / "weights" / "state" / "embed_tokens" / "c")) == 4
+    want = _params(from_pretrained(orbax_dir))
+    for got in (_params(sharded), _params(from_pretrained(str(out), mesh=make_mesh("fsdp=4,expert=2")))):
+        assert got.keys() == want.keys()
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    orbax_to_hf(str(out), str(tmp_path / "hf"), show_progress=False)  # read_into, chunk by chunk
+    expected, written = read_dir(sources["legacy-fp32-single"]), read_dir(tmp_path / "hf")
+    assert written.keys() == expected.keys()
+    for key in expected:  # fp32: compared as bits
+        assert torch.equal(written[key].view(torch.int32), expected[key].contiguous().view(torch.int32)), key
+
+
 def test_restore_casts_and_attaches_lora(orbax_dir):
     from mixtral_jax.lora import LoraConfig
 
@@ -338,6 +373,10 @@ def test_nf4_checkpoint_is_packed_and_equals_quantize_base(wide_hf, tmp_path):
     np.testing.assert_array_equal(np.asarray(_logits(restored, ids)), np.asarray(_logits(expected, ids)))
     sharded = from_pretrained(str(tmp_path / "nf4"), mesh=make_mesh("fsdp=2,expert=4"))
     np.testing.assert_allclose(np.asarray(_logits(sharded, ids)), np.asarray(_logits(expected, ids)), atol=1e-5)
+    orbax_model.convert_hf(wide_hf, tmp_path / "nf4-chunked", quantize="nf4", mesh="fsdp=2,expert=4")
+    chunked = _params(from_pretrained(str(tmp_path / "nf4-chunked"), mesh=make_mesh("fsdp=2,expert=4")))
+    for name, value in _params(sharded).items():  # packed and absmax in chunks of their shards: the same arrays
+        jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y, err_msg=name), chunked[name], value)
 
 
 def test_linear_weights_read_in_row_blocks_are_unchanged(sources, monkeypatch):

@@ -13,7 +13,8 @@ import pytest
 from mixtral_jax.cli import main
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.sharding import MeshError
-from train.plan import config_param_count, mesh_device_count, with_device_count
+from mixtral_jax.sharding import mesh_device_count
+from train.plan import config_param_count, with_device_count
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -103,7 +103,8 @@ def run(args) -> int:
     from mixtral_jax.config import MixtralConfig, parse_overrides
     from mixtral_jax.lora import LoraConfig
     from mixtral_jax.sharding import MeshError
-    from train.plan import ensure_cpu_devices, format_plan, mesh_device_count, plan
+    from mixtral_jax.sharding import mesh_device_count
+    from train.plan import ensure_cpu_devices, format_plan, plan
 
     config = MixtralConfig.from_preset(args.preset, parse_overrides(args.overrides))
     count = mesh_device_count(args.mesh, args.devices)

@@ -29,7 +29,7 @@ from mixtral_jax.config import MixtralConfig
 from mixtral_jax.lora import LoRAParam, LoraConfig
 from mixtral_jax.model import Mixtral
 from mixtral_jax.quantized import BLOCK, QUANTIZED, quantize_base
-from mixtral_jax.sharding import MESH_AXES, MeshError, default_rules, make_mesh, parse_mesh_spec
+from mixtral_jax.sharding import MESH_AXES, MeshError, default_rules, make_mesh, mesh_device_count
 from train.step import BATCH_KEYS, make_train_step
 
 GiB = 2 ** 30
@@ -40,28 +40,6 @@ _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
 # ------------------------------------------------------------------------------------------------ devices
-def mesh_device_count(spec: str, devices: int | None = None) -> int:
-    """The devices a mesh spec needs: its product, or `devices` (checked against the spec)."""
-    if devices is not None:
-        if devices <= 0:
-            raise MeshError(f"--devices must be positive, got {devices}")
-        parse_mesh_spec(spec, devices)
-        return devices
-    names = [part.partition("=")[0].strip() for part in spec.split(",") if part.strip()]
-    for name in names:
-        if names.count(name) > 1:
-            raise MeshError(f"mesh spec '{spec}' names axis '{name}' twice")
-    try:
-        sizes = [int(part.partition("=")[2]) for part in spec.split(",") if part.strip()]
-    except ValueError:
-        sizes = [1]
-    if -1 in sizes:
-        raise MeshError(f"mesh spec '{spec}' has a -1 axis: give the device count with --devices")
-    count = math.prod(sizes) if sizes and all(s > 0 for s in sizes) else 1
-    parse_mesh_spec(spec, count)  # the spec's own errors (unknown axis, bad size), in its words
-    return count
-
-
 def _requested_cpu_devices() -> int:
     match = re.search(rf"{_DEVICE_COUNT_FLAG}=(\d+)", os.environ.get("XLA_FLAGS", ""))
     return int(match.group(1)) if match else 1
@@ -366,4 +344,4 @@ def format_plan(p: Plan) -> str:
 
 
 __all__ = ["CHIPS", "Plan", "config_param_count", "config_param_shapes", "ensure_cpu_devices", "format_plan",
-           "hand_count", "make_optimizer", "mesh_device_count", "plan", "state_in_dtype", "with_device_count"]
+           "hand_count", "make_optimizer", "plan", "state_in_dtype", "with_device_count"]
