@@ -11,6 +11,8 @@ def _model_arguments(parser) -> None:
                         help="HF tokenizer directory or .model file (default: the model's own, else Mixtral's)")
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
     parser.add_argument("--moe-backend", default="dropless", choices=["dense", "dropless", "capacity"])
+    parser.add_argument("--attention-chunk", type=int, default=1024,
+                        help="attend in blocks of this many queries (bounded memory for long inputs); 0: whole")
 
 
 def _quiet_argument(parser) -> None:
@@ -92,8 +94,6 @@ def register(commands) -> None:
     ppl.add_argument("--stride", type=int, default=None, help="strided windows scoring their last S tokens")
     ppl.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
     ppl.add_argument("--max-windows", type=int, default=None, help="at most this many windows per length")
-    ppl.add_argument("--attention-chunk", type=int, default=1024,
-                     help="attend in blocks of this many queries (bounded memory); 0: whole")
     ppl.add_argument("--position-chunk", type=int, default=512,
                      help="LM head and log-softmax over this many positions at a time")
     ppl.add_argument("--out", default=None, help="JSON file for the results")

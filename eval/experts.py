@@ -214,7 +214,7 @@ def run(args) -> int:
     texts = parse_texts(args.text)
     tokenizer = load_tokenizer(args.tokenizer, model=args.model)
     model = from_pretrained(args.model, dtype=args.dtype, moe_backend=args.moe_backend,
-                            show_progress=not args.quiet)
+                            attention_chunk=args.attention_chunk or None, show_progress=not args.quiet)
     check_compatible(tokenizer, model.config.vocab_size, f"{args.model}/config.json")
     ids = {name: np.asarray(tokenizer.encode(text, add_bos=True), np.int32)[: args.tokens]
            for name, text in texts.items()}

@@ -192,7 +192,8 @@ def run(args) -> int:
     if not tasks:
         raise ValueError("--tasks: no task names given")
     tokenizer = load_tokenizer(args.tokenizer, model=args.model)
-    model = from_pretrained(args.model, dtype=args.dtype, moe_backend=args.moe_backend, show_progress=not args.quiet)
+    model = from_pretrained(args.model, dtype=args.dtype, moe_backend=args.moe_backend,
+                            attention_chunk=args.attention_chunk or None, show_progress=not args.quiet)
     check_compatible(tokenizer, model.config.vocab_size, f"{args.model}/config.json")
     lm = MixtralLM(model, tokenizer, batch=args.batch, pad_multiple=args.pad_multiple, max_length=args.max_length,
                    max_gen_toks=args.max_gen_toks, progress=not args.quiet)

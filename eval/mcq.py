@@ -287,14 +287,14 @@ def run(args) -> int:
     prepared = build_prompts(source, subjects, args.shots, args.instruct, split)  # bad data: before the model
     tokenizer = load_tokenizer(args.tokenizer, model=args.model)
     model = from_pretrained(args.model, dtype=args.dtype, moe_backend=args.moe_backend,
-                            show_progress=not args.quiet)
+                            attention_chunk=args.attention_chunk or None, show_progress=not args.quiet)
     check_compatible(tokenizer, model.config.vocab_size, f"{args.model}/config.json")
     start = time.perf_counter()
     result = evaluate(model, tokenizer, source, args.shots, args.instruct, subjects, split, args.batch,
                       args.pad_multiple, args.repetition_penalty, progress=not args.quiet, prepared=prepared)
     seconds = time.perf_counter() - start
     result = {"model": args.model, "data": args.data, "tokenizer": tokenizer.path,
-              "seconds": round(seconds, 3), "tokens_per_s": round(result["prompt_tokens"] / seconds, 1), **result}
+              "attention_chunk": model.config.attention_chunk, "seconds": round(seconds, 3), "tokens_per_s": round(result["prompt_tokens"] / seconds, 1), **result}
     if args.out:
         write_json(args.out, result)
     print(markdown_table(result))

@@ -438,6 +438,17 @@ def test_cli_writes_json_and_table(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| computer_network | STEM |" in table and "| **overall** |" in table
     assert sorted(p.name for p in out.parent.iterdir()) == ["ceval.json"]  # no temporary left behind
+    assert result["attention_chunk"] == 1024
+
+    chunked_out = tmp_path / "chunked" / "ceval.json"  # prompts attended 8 queries at a time: the same answers
+    assert main(["eval", "mcq", "--model", TINY_MODEL_DIR, "--data", root, "--shots", "0", "--dtype", "float32",
+                 "--subjects", "computer_network", "--attention-chunk", "8", "--out", str(chunked_out),
+                 "--quiet"]) == 0
+    chunked = json.loads(chunked_out.read_text(encoding="utf-8"))
+    assert chunked["attention_chunk"] == 8 and chunked["prompt_tokens"] > 4 * 8
+    assert [p["predicted"] for p in chunked["predictions"]] == [p["predicted"] for p in result["predictions"]]
+    np.testing.assert_allclose([p["scores"] for p in chunked["predictions"]],
+                               [p["scores"] for p in result["predictions"]], atol=1e-4, rtol=0)
 
     cmmlu_out = tmp_path / "res" / "cmmlu.json"  # CMMLU's layout, detected; its test split and groups
     assert main(["eval", "mcq", "--model", TINY_MODEL_DIR, "--data", write_fixture(tmp_path / "cmmlu", "cmmlu"),
