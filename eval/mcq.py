@@ -294,7 +294,8 @@ def run(args) -> int:
                       args.pad_multiple, args.repetition_penalty, progress=not args.quiet, prepared=prepared)
     seconds = time.perf_counter() - start
     result = {"model": args.model, "data": args.data, "tokenizer": tokenizer.path,
-              "attention_chunk": model.config.attention_chunk, "seconds": round(seconds, 3), "tokens_per_s": round(result["prompt_tokens"] / seconds, 1), **result}
+              "attention_chunk": model.config.attention_chunk, "seconds": round(seconds, 3),
+              "tokens_per_s": round(result["prompt_tokens"] / seconds, 1), **result}
     if args.out:
         write_json(args.out, result)
     print(markdown_table(result))

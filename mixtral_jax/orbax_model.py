@@ -24,6 +24,7 @@ layer-tensor at a time and restored onto any mesh. `mixtral-jax convert hf-to-or
                                                            8x7B's widths).
       Arrays are stored uncompressed (zarr3 without zstd: the weights barely compress, and zstd on a few cores
       was the converter's bottleneck).
+      Each array is one chunk, or with `--mesh` chunks of one device's shard on that mesh (`convert_hf`).
       With quantize nf4 every weight that `quantized.quantize_base` quantises (q/k/v/o_proj, gate, w1-w3) is
       stored as its two arrays, `.../q_proj/packed` (uint8) and `.../q_proj/absmax` (fp32), exactly
       `quantize_base(model)`'s arrays for that layer (so ~0.56 bytes per quantised parameter on disk); the NF4
@@ -181,7 +182,8 @@ def _load(weights: str, tree: dict) -> dict:
         with ctx:
             return ocp.load(weights, tree)
     except (ValueError, KeyError, FileNotFoundError) as err:
-        raise CheckpointError(f"{weights}: cannot restore {'/'.join(next(iter(flatten(tree))))} and the others asked "
+        first = "/".join(next(iter(flatten(tree))))
+        raise CheckpointError(f"{weights}: cannot restore {first} and the others asked "
                               f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
