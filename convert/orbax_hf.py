@@ -9,9 +9,9 @@ import re
 
 import numpy as np
 
+from mixtral_jax import runs
 from mixtral_jax.hf_files import write_pretrained
 from mixtral_jax.layer_tensors import HFSource, ModelSource, open_source
-from mixtral_jax import runs
 from mixtral_jax.layout import legacy_mappings, ours_to_hf_into, split_index
 from mixtral_jax.orbax_model import OrbaxSource, convert_hf, is_orbax_model
 from mixtral_jax.safetensors_io import CheckpointError

@@ -7,7 +7,6 @@ host-side reader and writer there, the only parts of those that need JAX.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Callable
 
@@ -41,7 +40,6 @@ def abstract_model(config: MixtralConfig, lora: LoraConfig | None = None, quanti
     return nnx.eval_shape(build)
 
 
-
 def nf4_templates(config: MixtralConfig) -> dict[str, NF4Weight]:
     """The abstract NF4 weight of each quantised parameter (stacked over layers): its arrays' shapes and its
     logical axes."""
@@ -72,30 +70,18 @@ def storage_chunks(config: MixtralConfig, quantize: str, mesh: str) -> dict[str,
     matrix where the experts are stored one per key; {"packed", "absmax"} shapes for an NF4 weight): one
     device's shard of it on `mesh` (a spec such as "fsdp=2,expert=4", every size given: no devices needed),
     by the logical-axis rules. Restoring onto that mesh then reads each device's chunks alone."""
-    from types import SimpleNamespace
+    from jax.sharding import AbstractMesh
 
-    from mixtral_jax import sharding
+    from mixtral_jax.sharding import MESH_AXES, mesh_device_count, parse_mesh_spec, shardings_by_name
 
-    sizes = sharding.parse_mesh_spec(mesh, sharding.mesh_device_count(mesh))
-    shape_only = SimpleNamespace(shape=sizes)  # all logical_to_spec asks of a mesh
-    rules = sharding.default_rules()
-    marker = {"quantize": quantize}
-
-    def shard(name: str, shape: tuple, axes: tuple) -> tuple:
-        spec = sharding.logical_to_spec(axes, shape, shape_only, rules)
-        split = [dim // math.prod(sizes[a] for a in ((s,) if isinstance(s, str) else s or ())) for dim, s in
-                 zip(shape, spec)]
-        stacked = 2 if per_expert(name, marker) else 1 if name.startswith("layers.") else 0
-        return tuple(split[stacked:])
-
+    sizes = parse_mesh_spec(mesh, mesh_device_count(mesh))
+    model = abstract_model(config, quantize=quantize)
+    shardings = shardings_by_name(model, AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES))
     chunks = {}
-    for name, variable in _named_params(abstract_model(config, quantize=quantize)):
-        value = variable.get_value()
-        if isinstance(value, NF4Weight):
-            chunks[name] = {"packed": shard(name, value.packed.shape, value.axes),
-                            "absmax": shard(name, value.absmax.shape, value.axes)}
-        else:
-            chunks[name] = shard(name, value.shape, variable.get_metadata()["logical_axes"])
+    for name, variable in _named_params(model):
+        stacked = 2 if per_expert(name, {"quantize": quantize}) else 1 if name.startswith("layers.") else 0
+        chunks[name] = jax.tree.map(lambda leaf, s: s.shard_shape(leaf.shape)[stacked:],
+                                    _as_leaves(variable.get_value()), _as_leaves(shardings[name]))
     return chunks
 
 
@@ -122,10 +108,9 @@ def load(directory: str | os.PathLike, dtype: str | None = None, *, mesh=None, l
     weights = Weights(directory, marker)
     model = abstract_model(config, lora, marker["quantize"])
     if mesh is not None:
-        from mixtral_jax import sharding as sharding_lib
+        from mixtral_jax.sharding import shardings_by_name
 
-        shardings = {".".join(str(p) for p in path): s.get_value()
-                     for path, s in nnx.to_flat_state(sharding_lib.param_shardings(model, mesh))}
+        shardings = shardings_by_name(model, mesh)
     else:
         device = SingleDeviceSharding(jax.devices()[0])
         shardings = {name: jax.tree.map(lambda _: device, _as_leaves(v.get_value()))

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import yaml
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.quantized import NF4Weight
@@ -162,11 +162,17 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping | None = None) -> 
     return model
 
 
+def shardings_by_name(model: nnx.Module, mesh: Mesh | AbstractMesh, rules: Mapping | None = None) -> dict:
+    """`param_shardings` by dotted parameter path ("layers.self_attn.q_proj"); an NF4 weight's is an NF4Weight
+    of shardings. On an AbstractMesh (sizes only, no devices) its `shard_shape`s are the devices' shards."""
+    return {".".join(str(p) for p in path): s.get_value()
+            for path, s in nnx.to_flat_state(param_shardings(model, mesh, rules))}
+
+
 def param_placer(model: nnx.Module, mesh: Mesh, rules: Mapping | None = None):
     """For streaming loads: (parameter path, host array) -> a sharded array built shard by shard, so each
     device receives only its slice and no host assembles more than the one parameter being read."""
-    shardings = {".".join(str(p) for p in path): s.get_value()
-                 for path, s in nnx.to_flat_state(param_shardings(model, mesh, rules))}
+    shardings = shardings_by_name(model, mesh, rules)
 
     def place(name: str, value):  # an array, or a pytree of arrays (an NF4 weight)
         return jax.tree.map(lambda array, sharding: jax.make_array_from_callback(
@@ -209,4 +215,4 @@ def named_sharding(logical_axes: Sequence[str | None], shape: Sequence[int], mes
 
 __all__ = ["MESH_AXES", "MeshError", "active_mesh", "check_mesh_fits", "constrain",
            "default_rules", "logical_to_spec", "make_mesh", "mesh_device_count", "named_sharding", "param_placer",
-           "param_shardings", "parse_mesh_spec", "shard_model", "use_mesh"]
+           "param_shardings", "parse_mesh_spec", "shard_model", "shardings_by_name", "use_mesh"]

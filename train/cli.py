@@ -102,8 +102,7 @@ def run(args) -> int:
 
     from mixtral_jax.config import MixtralConfig, parse_overrides
     from mixtral_jax.lora import LoraConfig
-    from mixtral_jax.sharding import MeshError
-    from mixtral_jax.sharding import mesh_device_count
+    from mixtral_jax.sharding import MeshError, mesh_device_count
     from train.plan import ensure_cpu_devices, format_plan, plan
 
     config = MixtralConfig.from_preset(args.preset, parse_overrides(args.overrides))
