@@ -1,10 +1,11 @@
 # Entry points: `make pipeline` (the whole adaptation on the embedded default), `make demo` (generate text with
-# the bundled tiny model) and `make test` (the whole suite). Each creates .venv itself.
+# the bundled tiny model), `make test` (the whole suite, what CI runs) and `make test-quick` (every package,
+# the tests marked slow left out). Each creates .venv itself.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo pipeline test bench clean
+.PHONY: demo pipeline test test-quick bench clean
 
 $(VENV)/.base: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,6 +27,10 @@ pipeline: $(VENV)/.test
 
 test: $(VENV)/.test
 	$(VENV)/bin/pytest -q
+
+# Tests marked slow (subprocess runs, whole training runs, Pallas interpret mode) are left out.
+test-quick: $(VENV)/.test
+	$(VENV)/bin/pytest -q -m "not slow"
 
 bench: $(VENV)/.test
 	$(PY) -m bench.bench_model --config both

@@ -31,9 +31,9 @@ import time
 import ml_dtypes
 import numpy as np
 
+from mixtral_jax.checkpoints.name_map import legacy_mappings
 from mixtral_jax.config import MixtralConfig
-from mixtral_jax.layout import legacy_mappings
-from mixtral_jax.safetensors_io import write_safetensors
+from mixtral_jax.io.safetensors_files import write_safetensors
 
 REAL_WIDTHS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                    num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6,

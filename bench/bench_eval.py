@@ -6,7 +6,7 @@ same tiny model and the same token ids, in one run.
 
 Set-up (this process): the bundled tiny model (mixtral_jax/assets/tiny: the real Mixtral vocabulary, 2 layers,
 hidden 64, 8 experts) is read by transformers in fp32, its LM head multiplied by `--head-scale` (30, as
-tests/test_eval_ppl.py does: the random model is nearly uniform, and a sharper head makes the agreement checks
+tests/eval/test_ppl.py does: the random model is nearly uniform, and a sharper head makes the agreement checks
 below able to fail; the cost is unchanged) and written with `save_pretrained`; both sides load that directory
 in fp32. The token ids are made once here with our Mixtral tokenizer and given to both sides (tokenising is not
 timed):
@@ -65,7 +65,7 @@ def write_fixture(root: Path, questions: int, seed: int) -> None:
     """C-Eval layout (`{dev,val}/{subject}_{split}.csv`): questions and options cut from People's Daily."""
     import random
 
-    from mixtral_jax.corpora import peoples_daily
+    from mixtral_jax.data.corpora import peoples_daily
 
     rng = random.Random(seed)
     sentences = [s for s in peoples_daily("all") if 12 <= len(s) <= 120]
@@ -91,7 +91,7 @@ def prepare(work: Path, args) -> dict:
 
     from eval import mcq, ppl
     from mixtral_jax.assets import TINY_MODEL_DIR
-    from mixtral_jax.tokenizer import load_tokenizer
+    from mixtral_jax.data.tokenizer import load_tokenizer
 
     model = MixtralForCausalLM.from_pretrained(TINY_MODEL_DIR, dtype=torch.float32)
     with torch.no_grad():
@@ -136,7 +136,7 @@ def run_ours(inputs: dict, model_dir: str, repeats: int) -> dict:
     import numpy as np
 
     from eval import mcq, ppl
-    from mixtral_jax.hf_checkpoint import from_pretrained
+    from mixtral_jax.checkpoints.pretrained import from_pretrained
 
     start = time.perf_counter()  # each model as its command loads it: eval ppl with attention chunks, mcq without
     model = from_pretrained(model_dir, dtype="float32", moe_backend="dropless", attention_chunk=ATTENTION_CHUNK)
@@ -337,7 +337,7 @@ def markdown(report: dict) -> str:
 
 def compare(args) -> dict:
     from bench.bench_model import machine_info
-    from mixtral_jax.output_dir import write_json
+    from mixtral_jax.io.output_dir import write_json
 
     load = os.getloadavg()[0]
     if load > 0.8:

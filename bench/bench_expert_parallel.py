@@ -30,8 +30,13 @@ import numpy as np
 from flax import nnx
 
 from mixtral_jax.config import MixtralConfig
-from mixtral_jax.moe import SparseMoE
-from mixtral_jax.sharding import make_mesh, named_sharding, shard_model, use_mesh
+from mixtral_jax.model.moe import SparseMoE
+from mixtral_jax.parallel.sharding import (
+    make_mesh,
+    named_sharding,
+    shard_model,
+    use_mesh,
+)
 
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1}
 

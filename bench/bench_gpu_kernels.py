@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.timing import median_seconds
-from mixtral_jax import gmm_gpu
-from mixtral_jax.attention import grouped_query_attention
+from mixtral_jax.kernels import grouped_matmul_gpu as gmm_gpu
+from mixtral_jax.model.attention import grouped_query_attention
 
 TOLERANCE = 2e-2
 EXPERTS, TOP_K, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 8, 2, 1024, 3584, 8, 2, 128

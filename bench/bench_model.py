@@ -13,7 +13,7 @@ What is timed (all fp32, on the host CPU):
   `torch.no_grad()`. After a warm-up, the two alternate (ours, transformers, ours, ...) for N repeats; each
   backend row has its own interleaved transformers timings, so ratios compare programs measured side by side.
 * Greedy decoding: batch 1 (`--decode-batch`), 32 prompt tokens, 64 new tokens. Ours:
-  `mixtral_jax.generation.generate(model, ids, sampling=SamplingConfig(max_new_tokens=64), eos_token_id=-1)`
+  `mixtral_jax.model.generation.generate(model, ids, sampling=SamplingConfig(max_new_tokens=64), eos_token_id=-1)`
   (the first call compiles and is reported separately); transformers: `model.generate(ids, max_new_tokens=64,
   min_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=0)`. Reported: new tokens per second,
   and whether the two produced the same tokens.
@@ -45,6 +45,7 @@ useful work per second, as MFU does.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -56,7 +57,6 @@ import time
 
 # Threads: XLA's CPU backend uses every core by default; torch is set to os.cpu_count() below (--torch-threads).
 # Both libraries keep their own thread pools in this one process; they never run at the same time here.
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,11 +65,10 @@ import transformers
 from flax import nnx
 
 import mixtral_jax
-from mixtral_jax.flops import flop_counts
-from mixtral_jax import MixtralConfig
-from mixtral_jax.generation import SamplingConfig, generate
-
 from bench.timing import median_seconds
+from mixtral_jax import MixtralConfig
+from mixtral_jax.model.flops import flop_counts
+from mixtral_jax.model.generation import SamplingConfig, generate
 
 BATCH, SEQ = 4, 256
 PROMPT, NEW_TOKENS = 32, 64
@@ -146,183 +145,234 @@ def make_dropped(model):
 
 
 # ------------------------------------------------------------------------------------------------ one config
-def bench_config(name: str, backends: list[str], repeats: int, all_decode: bool, breakdown: bool,
-                 decode_batch: int, seed: int, peak: float) -> dict:
-    cfg = MixtralConfig.from_preset(name)
-    flops = flop_counts(cfg, SEQ)
-    fpt = flops["forward_flops_per_token"]
-    print(f"\n== {name}: {flops['active_params'] / 1e6:.2f}M active parameters, "
-          f"{fpt / 1e6:.2f}M forward FLOPs/token", file=sys.stderr)
-    hf = build_hf(cfg, seed)
-    rng = np.random.default_rng(seed)
-    ids_np = rng.integers(0, cfg.vocab_size, (BATCH, SEQ), dtype=np.int64)
-    prompt_np = rng.integers(0, cfg.vocab_size, (decode_batch, PROMPT), dtype=np.int64)
-    ids_t, ids_j = torch.from_numpy(ids_np), jnp.asarray(ids_np, jnp.int32)
-    prompt_t, prompt_j = torch.from_numpy(prompt_np), jnp.asarray(prompt_np, jnp.int32)
-    tokens = BATCH * SEQ
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """The choices every config's run shares, and the measured peak the "% of peak" figures divide by."""
+    backends: list[str]
+    repeats: int
+    all_decode: bool
+    breakdown: bool
+    decode_batch: int
+    seed: int
+    peak: float         # JAX fp32 matmul FLOP/s
 
+
+@dataclasses.dataclass(frozen=True)
+class _Workload:
+    """One config's transformers model and the random tokens both programs get (torch and JAX copies)."""
+    cfg: MixtralConfig
+    hf: transformers.MixtralForCausalLM
+    ids_torch: torch.Tensor       # [BATCH, SEQ], the forward batch
+    ids_jax: jax.Array
+    prompt_torch: torch.Tensor    # [decode_batch, PROMPT], the decoding prompt
+    prompt_jax: jax.Array
+    hf_logits: np.ndarray         # transformers' logits on the forward batch, to compare ours with
+
+    def hf_forward(self):
+        with torch.no_grad():
+            return self.hf(input_ids=self.ids_torch, use_cache=False).logits
+
+    def hf_generate(self):
+        with torch.no_grad():
+            return self.hf.generate(self.prompt_torch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                    do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def _workload(cfg: MixtralConfig, settings: BenchSettings) -> _Workload:
+    hf = build_hf(cfg, settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    ids_np = rng.integers(0, cfg.vocab_size, (BATCH, SEQ), dtype=np.int64)
+    prompt_np = rng.integers(0, cfg.vocab_size, (settings.decode_batch, PROMPT), dtype=np.int64)
+    ids_t = torch.from_numpy(ids_np)
     with torch.no_grad():
         hf_logits = hf(input_ids=ids_t, use_cache=False).logits.numpy()
+    return _Workload(cfg, hf, ids_t, jnp.asarray(ids_np, jnp.int32), torch.from_numpy(prompt_np),
+                     jnp.asarray(prompt_np, jnp.int32), hf_logits)
 
-    def hf_forward():
-        with torch.no_grad():
-            return hf(input_ids=ids_t, use_cache=False).logits
 
-    def hf_generate():
-        with torch.no_grad():
-            return hf.generate(prompt_t, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)
-
+def bench_config(name: str, settings: BenchSettings) -> dict:
+    cfg = MixtralConfig.from_preset(name)
+    flops = flop_counts(cfg, SEQ)
+    print(f"\n== {name}: {flops['active_params'] / 1e6:.2f}M active parameters, "
+          f"{flops['forward_flops_per_token'] / 1e6:.2f}M forward FLOPs/token", file=sys.stderr)
+    work = _workload(cfg, settings)
     result = {"config": name, "model": {k: getattr(cfg, k) for k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "num_local_experts", "num_experts_per_tok")},
-        "flops": flops, "transformers_impl": {"attention": hf.config._attn_implementation,
-                                              "experts": getattr(hf.config, "_experts_implementation", None)},
+        "flops": flops, "transformers_impl": {"attention": work.hf.config._attn_implementation,
+                                              "experts": getattr(work.hf.config, "_experts_implementation", None)},
         "forward": {}, "decode": {}}
 
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as directory:
-        hf.save_pretrained(directory)
-        for backend in backends:
-            overrides = BACKENDS[backend]
-            model = load_ours(directory, overrides)
-            forward, state = make_forward(model)
-            t0 = time.perf_counter()
-            logits = np.asarray(forward(state, ids_j).block_until_ready())
-            compile_s = time.perf_counter() - t0
-            max_diff = float(np.max(np.abs(logits - hf_logits)))
-            dropped_fn, dstate = make_dropped(model)
-            dropped = int(dropped_fn(dstate, ids_j))
-            ours_t, hf_t = _alternate(lambda: forward(state, ids_j).block_until_ready(), hf_forward, repeats)
-            ours_med, hf_med = statistics.median(ours_t), statistics.median(hf_t)
-            row = {
-                "overrides": overrides,
-                "ours_tokens_per_s": tokens / ours_med, "transformers_tokens_per_s": tokens / hf_med,
-                "ratio": hf_med / ours_med,
-                "ours_frac_peak": tokens * fpt / ours_med / peak,
-                "transformers_frac_peak": tokens * fpt / hf_med / peak,
-                "ours_seconds": ours_t, "transformers_seconds": hf_t, "first_call_seconds": compile_s,
-                "max_abs_logit_diff": max_diff, "dropped_assignments": dropped,
-                "assignments": tokens * cfg.num_experts_per_tok * cfg.num_hidden_layers,
-            }
-            result["forward"][backend] = row
-            print(f"  forward {backend:17s} ours {row['ours_tokens_per_s']:8.0f} tok/s  transformers "
-                  f"{row['transformers_tokens_per_s']:8.0f} tok/s  ratio {row['ratio']:.2f}  "
-                  f"max|dlogits| {max_diff:.2e}  dropped {dropped}", file=sys.stderr)
-
-            if all_decode or backend == DEFAULT_BACKEND:
-                sampling = SamplingConfig(max_new_tokens=NEW_TOKENS)
-                t0 = time.perf_counter()
-                ours_tokens = generate(model, prompt_j, sampling=sampling, eos_token_id=-1)
-                first_s = time.perf_counter() - t0
-                hf_tokens = hf_generate()[:, PROMPT:].numpy()
-                same = bool(np.array_equal(ours_tokens, hf_tokens))
-                first_diff = None if same else int(np.argmax(np.any(ours_tokens != hf_tokens, axis=0)))
-                dec_repeats = max(3, repeats)
-                ours_d, hf_d = _alternate(lambda: generate(model, prompt_j, sampling=sampling, eos_token_id=-1),
-                                          hf_generate, dec_repeats, warmup=1)
-                new = decode_batch * NEW_TOKENS
-                drow = {
-                    "batch": decode_batch, "prompt": PROMPT, "new_tokens": NEW_TOKENS,
-                    "ours_new_tokens_per_s": new / statistics.median(ours_d),
-                    "transformers_new_tokens_per_s": new / statistics.median(hf_d),
-                    "ratio": statistics.median(hf_d) / statistics.median(ours_d),
-                    "ours_seconds": ours_d, "transformers_seconds": hf_d, "first_call_seconds": first_s,
-                    "tokens_identical": same, "first_differing_step": first_diff,
-                }
-                result["decode"][backend] = drow
-                print(f"  decode  {backend:17s} ours {drow['ours_new_tokens_per_s']:8.1f} new tok/s  transformers "
-                      f"{drow['transformers_new_tokens_per_s']:8.1f}  ratio {drow['ratio']:.2f}  "
-                      f"identical {same}", file=sys.stderr)
-            if breakdown and backend == (DEFAULT_BACKEND if DEFAULT_BACKEND in backends else backends[0]):
-                result["breakdown"] = component_breakdown(model, hf, cfg, repeats, peak, backend)
+        work.hf.save_pretrained(directory)
+        for backend in settings.backends:
+            model = load_ours(directory, BACKENDS[backend])
+            result["forward"][backend] = _bench_forward(model, work, settings, backend)
+            if settings.all_decode or backend == DEFAULT_BACKEND:
+                result["decode"][backend] = _bench_decode(model, work, settings, backend)
+            if settings.breakdown and backend == (DEFAULT_BACKEND if DEFAULT_BACKEND in settings.backends
+                                                  else settings.backends[0]):
+                result["breakdown"] = component_breakdown(model, work, settings, backend)
     return result
 
 
+def _bench_forward(model, work: _Workload, settings: BenchSettings, backend: str) -> dict:
+    """Our jitted forward against transformers', alternated; also how far our logits are from theirs and how
+    many assignments the backend dropped."""
+    cfg, tokens = work.cfg, BATCH * SEQ
+    fpt = flop_counts(cfg, SEQ)["forward_flops_per_token"]
+    forward, state = make_forward(model)
+    t0 = time.perf_counter()
+    logits = np.asarray(forward(state, work.ids_jax).block_until_ready())
+    compile_s = time.perf_counter() - t0
+    max_diff = float(np.max(np.abs(logits - work.hf_logits)))
+    dropped_fn, dstate = make_dropped(model)
+    dropped = int(dropped_fn(dstate, work.ids_jax))
+    ours_t, hf_t = _alternate(lambda: forward(state, work.ids_jax).block_until_ready(), work.hf_forward,
+                              settings.repeats)
+    ours_med, hf_med = statistics.median(ours_t), statistics.median(hf_t)
+    row = {
+        "overrides": BACKENDS[backend],
+        "ours_tokens_per_s": tokens / ours_med, "transformers_tokens_per_s": tokens / hf_med,
+        "ratio": hf_med / ours_med,
+        "ours_frac_peak": tokens * fpt / ours_med / settings.peak,
+        "transformers_frac_peak": tokens * fpt / hf_med / settings.peak,
+        "ours_seconds": ours_t, "transformers_seconds": hf_t, "first_call_seconds": compile_s,
+        "max_abs_logit_diff": max_diff, "dropped_assignments": dropped,
+        "assignments": tokens * cfg.num_experts_per_tok * cfg.num_hidden_layers,
+    }
+    print(f"  forward {backend:17s} ours {row['ours_tokens_per_s']:8.0f} tok/s  transformers "
+          f"{row['transformers_tokens_per_s']:8.0f} tok/s  ratio {row['ratio']:.2f}  "
+          f"max|dlogits| {max_diff:.2e}  dropped {dropped}", file=sys.stderr)
+    return row
+
+
+def _bench_decode(model, work: _Workload, settings: BenchSettings, backend: str) -> dict:
+    """Greedy decoding, ours against transformers' generate, alternated; and whether the tokens agree."""
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS)
+    t0 = time.perf_counter()
+    ours_tokens = generate(model, work.prompt_jax, sampling=sampling, eos_token_id=-1)
+    first_s = time.perf_counter() - t0
+    hf_tokens = work.hf_generate()[:, PROMPT:].numpy()
+    same = bool(np.array_equal(ours_tokens, hf_tokens))
+    first_diff = None if same else int(np.argmax(np.any(ours_tokens != hf_tokens, axis=0)))
+    ours_d, hf_d = _alternate(lambda: generate(model, work.prompt_jax, sampling=sampling, eos_token_id=-1),
+                              work.hf_generate, max(3, settings.repeats), warmup=1)
+    new = settings.decode_batch * NEW_TOKENS
+    row = {
+        "batch": settings.decode_batch, "prompt": PROMPT, "new_tokens": NEW_TOKENS,
+        "ours_new_tokens_per_s": new / statistics.median(ours_d),
+        "transformers_new_tokens_per_s": new / statistics.median(hf_d),
+        "ratio": statistics.median(hf_d) / statistics.median(ours_d),
+        "ours_seconds": ours_d, "transformers_seconds": hf_d, "first_call_seconds": first_s,
+        "tokens_identical": same, "first_differing_step": first_diff,
+    }
+    print(f"  decode  {backend:17s} ours {row['ours_new_tokens_per_s']:8.1f} new tok/s  transformers "
+          f"{row['transformers_new_tokens_per_s']:8.1f}  ratio {row['ratio']:.2f}  "
+          f"identical {same}", file=sys.stderr)
+    return row
+
+
 # ------------------------------------------------------------------------------------------------ breakdown
-def component_breakdown(model, hf, cfg: MixtralConfig, repeats: int, peak: float, backend: str) -> dict:
+ROUTER_PART = "moe router+top-k (1 layer)"  # ours alone: transformers has no separate router call to time
+
+
+def component_breakdown(model, work: _Workload, settings: BenchSettings, backend: str) -> dict:
     """Times one decoder layer's attention and MoE block, and the final norm + LM head, ours against
     transformers' modules, on the same [4, 256, D] hidden states (ours jitted, theirs under no_grad)."""
     print(f"  breakdown ({backend})", file=sys.stderr)
+    cfg = work.cfg
     flops = flop_counts(cfg, SEQ)["per_token"]
     layers = cfg.num_hidden_layers
     tokens = BATCH * SEQ
     x_np = np.random.default_rng(1).standard_normal((BATCH, SEQ, cfg.hidden_size)).astype(np.float32)
-    x_j, x_t = jnp.asarray(x_np), torch.from_numpy(x_np)
+    ours = _our_components(model, jnp.asarray(x_np))
+    theirs = _their_components(work.hf, torch.from_numpy(x_np))
+    part_flops = {
+        "attention (1 layer)": (flops["attention_projections"] + flops["attention_scores"]) / layers,
+        "moe block (1 layer)": (flops["router"] + flops["experts_topk"]) / layers,
+        "norm + lm head": flops["lm_head"],
+    }
+    out = {"backend": backend, "parts": {}}
+    for part, fpt in part_flops.items():
+        ours_t, hf_t = _alternate(ours[part], theirs[part], max(5, settings.repeats))
+        o, t = statistics.median(ours_t), statistics.median(hf_t)
+        out["parts"][part] = {"ours_ms": o * 1e3, "transformers_ms": t * 1e3, "ratio": t / o,
+                              "ours_frac_peak": tokens * fpt / o / settings.peak,
+                              "transformers_frac_peak": tokens * fpt / t / settings.peak,
+                              "times_per_forward": layers if "1 layer" in part else 1}
+    o = median_seconds(ours[ROUTER_PART], max(5, settings.repeats))
+    out["parts"][ROUTER_PART] = {"ours_ms": o * 1e3, "transformers_ms": None, "ratio": None,
+                                 "ours_frac_peak": tokens * flops["router"] / layers / o / settings.peak,
+                                 "transformers_frac_peak": None, "times_per_forward": layers}
+    for part, row in out["parts"].items():
+        print(f"    {part:28s} ours {row['ours_ms']:8.2f} ms  transformers "
+              f"{row['transformers_ms'] if row['transformers_ms'] is None else round(row['transformers_ms'], 2)} ms",
+              file=sys.stderr)
+    return out
+
+
+def _our_components(model, x: jax.Array) -> dict:
+    """Calls that run, jitted and to completion, one piece of our model on hidden states x: layer 0's
+    attention, MoE block and router + top-k (a sub-part of the MoE block), and the final norm + LM head."""
+    from mixtral_jax.model.attention import visibility
+    from mixtral_jax.model.moe import route
 
     layers_graph, layers_state = nnx.split(model.layers)
     layer0_state = jax.tree.map(lambda a: a[0], layers_state)
     head_state = nnx.state(model)
-
+    model_graph = nnx.graphdef(model)
     positions = jnp.broadcast_to(jnp.arange(SEQ, dtype=jnp.int32), (BATCH, SEQ))
-    key_valid = jnp.ones((BATCH, SEQ), bool)
+    segments = jnp.ones((BATCH, SEQ), jnp.int32)
+    mask = visibility(positions, segments, segments, model.config.sliding_window)
 
     @jax.jit
     def attn(state, x):
         layer = nnx.merge(layers_graph, state)
-        return layer.self_attn(x, positions, positions, key_valid)[0]
+        return layer.self_attn(x, positions, mask)[0]
 
     @jax.jit
     def moe(state, x):
         layer = nnx.merge(layers_graph, state)
         return layer.block_sparse_moe(x)[0]
 
-    model_graph = nnx.graphdef(model)
-
     @jax.jit
     def head(state, x):
         m = nnx.merge(model_graph, state)
         return jnp.einsum("btd,dv->btv", m.norm(x), m.lm_head[...])
 
-    hf_layer = hf.model.layers[0]
-    pos_t = torch.arange(SEQ)[None].expand(BATCH, SEQ)
-    with torch.no_grad():
-        rope = hf.model.rotary_emb(x_t, pos_t)
-
-    def hf_attn():
-        with torch.no_grad():
-            return hf_layer.self_attn(x_t, position_embeddings=rope, attention_mask=None)[0]
-
-    def hf_moe():
-        with torch.no_grad():
-            return hf_layer.mlp(x_t)
-
-    def hf_head():
-        with torch.no_grad():
-            return hf.lm_head(hf.model.norm(x_t))
-
-    parts = {
-        "attention (1 layer)": (lambda: attn(layer0_state, x_j).block_until_ready(), hf_attn,
-                                (flops["attention_projections"] + flops["attention_scores"]) / layers),
-        "moe block (1 layer)": (lambda: moe(layer0_state, x_j).block_until_ready(), hf_moe,
-                                (flops["router"] + flops["experts_topk"]) / layers),
-        "norm + lm head": (lambda: head(head_state, x_j).block_until_ready(), hf_head, flops["lm_head"]),
-    }
-    out = {"backend": backend, "parts": {}}
-    for part, (ours_fn, hf_fn, fpt) in parts.items():
-        ours_t, hf_t = _alternate(ours_fn, hf_fn, max(5, repeats))
-        o, t = statistics.median(ours_t), statistics.median(hf_t)
-        out["parts"][part] = {"ours_ms": o * 1e3, "transformers_ms": t * 1e3, "ratio": t / o,
-                              "ours_frac_peak": tokens * fpt / o / peak,
-                              "transformers_frac_peak": tokens * fpt / t / peak,
-                              "times_per_forward": layers if "1 layer" in part else 1}
-    # Sub-parts of our MoE block: router + top-k only, and the expert computation of the chosen backend.
-    from mixtral_jax.moe import route
-
     @jax.jit
     def router_only(state, x):
         layer = nnx.merge(layers_graph, state)
         logits = jnp.einsum("bsd,de->bse", x, layer.block_sparse_moe.gate[...], preferred_element_type=jnp.float32)
-        return route(logits, cfg.num_experts_per_tok)
+        return route(logits, model.config.num_experts_per_tok)
 
-    o = median_seconds(lambda: jax.block_until_ready(router_only(layer0_state, x_j)), max(5, repeats))
-    out["parts"]["moe router+top-k (1 layer)"] = {"ours_ms": o * 1e3, "transformers_ms": None, "ratio": None,
-                                                   "ours_frac_peak": tokens * flops["router"] / layers / o / peak,
-                                                   "transformers_frac_peak": None, "times_per_forward": layers}
-    for part, row in out["parts"].items():
-        print(f"    {part:28s} ours {row['ours_ms']:8.2f} ms  transformers "
-              f"{row['transformers_ms'] if row['transformers_ms'] is None else round(row['transformers_ms'], 2)} ms",
-              file=sys.stderr)
-    return out
+    return {"attention (1 layer)": lambda: attn(layer0_state, x).block_until_ready(),
+            "moe block (1 layer)": lambda: moe(layer0_state, x).block_until_ready(),
+            "norm + lm head": lambda: head(head_state, x).block_until_ready(),
+            ROUTER_PART: lambda: jax.block_until_ready(router_only(layer0_state, x))}
+
+
+def _their_components(hf, x: torch.Tensor) -> dict:
+    """The same pieces of transformers' model, under no_grad (no router: it runs inside the MoE block)."""
+    layer = hf.model.layers[0]
+    positions = torch.arange(SEQ)[None].expand(BATCH, SEQ)
+    with torch.no_grad():
+        rope = hf.model.rotary_emb(x, positions)
+
+    def attention():
+        with torch.no_grad():
+            return layer.self_attn(x, position_embeddings=rope, attention_mask=None)[0]
+
+    def moe():
+        with torch.no_grad():
+            return layer.mlp(x)
+
+    def head():
+        with torch.no_grad():
+            return hf.lm_head(hf.model.norm(x))
+
+    return {"attention (1 layer)": attention, "moe block (1 layer)": moe, "norm + lm head": head}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -441,9 +491,10 @@ def main(argv=None) -> None:
           f"GFLOP/s", file=sys.stderr)
     report = {"machine": machine_info(args.torch_threads), "peak": peak, "repeats": args.repeats,
               "backends": backends, "results": []}
+    settings = BenchSettings(backends, args.repeats, args.all_decode, args.breakdown, args.decode_batch, args.seed,
+                             peak["jax_flops_per_s"])
     for name in configs:
-        report["results"].append(bench_config(name, backends, args.repeats, args.all_decode, args.breakdown,
-                                              args.decode_batch, args.seed, peak["jax_flops_per_s"]))
+        report["results"].append(bench_config(name, settings))
     report["machine"]["loadavg_at_end"] = os.getloadavg()
     print(markdown(report))
     if args.json_out:

@@ -33,7 +33,7 @@ to the whole-run peak, as neither allocator returns freed pages to the system). 
 the other framework (importing torch + transformers + peft costs ~430 MB of RSS, jax ~160 MB).
 
 MFU = tokens/s x model training FLOPs per token / the fp32 matmul peak. Model FLOPs per token =
-`mixtral_jax.flops.flop_counts(config, seq)["train_flops_per_token"]` (6 N + attention, N the active
+`mixtral_jax.model.flops.flop_counts(config, seq)["train_flops_per_token"]` (6 N + attention, N the active
 parameters, the frozen base's weight gradients counted even though LoRA skips them), plus for lora/qlora the
 adapters' 6 r (in + out) per adapted weight and token (top-k experts' adapters) in our layout; both programs
 are credited with the same FLOPs. The peak is the median rate of a 2048^3 fp32 matmul measured inside each
@@ -47,6 +47,7 @@ takes medians over the repetitions. The machines are shared: check `cat /proc/lo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -126,7 +127,7 @@ def lora_train_flops_per_token(cfg, rank: int = LORA_RANK) -> int:
 
 
 def model_train_flops_per_token(cfg, seq: int, mode: str) -> int:
-    from mixtral_jax.flops import flop_counts
+    from mixtral_jax.model.flops import flop_counts
 
     flops = flop_counts(cfg, seq)["train_flops_per_token"]
     return flops + (lora_train_flops_per_token(cfg) if mode != "full" else 0)
@@ -138,7 +139,7 @@ def _log(message: str) -> None:
 
 
 def jax_matmul_peak() -> float:
-    from mixtral_jax.flops import measure_matmul_peak
+    from mixtral_jax.model.flops import measure_matmul_peak
 
     return measure_matmul_peak(PEAK_N, PEAK_REPEATS)
 
@@ -147,7 +148,7 @@ def _our_peak(peak_tflops: float | None) -> tuple[float, str]:
     """The stated peak, else a known accelerator's bf16 data-sheet peak, else the measured fp32 matmul."""
     import jax
 
-    from mixtral_jax.flops import chip_peak_flops
+    from mixtral_jax.model.flops import chip_peak_flops
 
     if peak_tflops:
         return peak_tflops * 1e12, "--peak-tflops"
@@ -171,22 +172,40 @@ def _summary(step_times: list[float], first: float, tokens: int) -> dict:
             "first_step_s": first, "compile_s": max(first - med, 0.0)}
 
 
+@dataclasses.dataclass
+class _StepTimes:
+    losses: list
+    times: list         # seconds of each timed step
+    first: float        # seconds of step 0 (ours compiles in it)
+    phases: list        # per timed step, the phases' seconds where the program times them (the reference)
+    memory: dict        # RssPeaks.result()
+
+
+def _run_steps(one_step, steps: int, tokens: int, first_note: str) -> _StepTimes:
+    """Step 0 and `steps` timed steps, each logged; the timed steps' RSS peak starts after step 0.
+    `one_step()` -> (loss, seconds, phases)."""
+    rss = RssPeaks()
+    losses, times, phases, first = [], [], [], None
+    for i in range(steps + 1):
+        loss, seconds, step_phases = one_step()
+        losses.append(loss)
+        if i == 0:
+            first = seconds
+            rss.start_timed()
+        else:
+            times.append(seconds)
+            phases.append(step_phases)
+        _log(f"  step {i}/{steps}: {seconds * 1e3:8.1f} ms  loss {loss:.4f}"
+             + (first_note if i == 0 else f"  {tokens / seconds:7.0f} tok/s"))
+    return _StepTimes(losses, times, first, phases, rss.result())
+
+
 # ------------------------------------------------------------------------------------------------ ours
 def run_ours(args) -> dict:
     """`mixtral-jax bench train`: our step alone; progress on stderr, the JSON result as the last stdout line."""
     t_start = time.perf_counter()
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from mixtral_jax import kernels
     from mixtral_jax.config import MixtralConfig, parse_overrides
-    from mixtral_jax.lora import LoraConfig, LoRAParam
-    from mixtral_jax.model import Mixtral
-    from mixtral_jax.quantized import base_nbytes, quantize_base
-    from mixtral_jax.sharding import make_mesh
-    from train.optim import OptimizerConfig, make_optimizer
-    from train.step import make_train_step
+    from mixtral_jax.kernels import select as kernels
 
     if args.steps < 1:
         raise ValueError("--steps must be at least 1")
@@ -198,6 +217,79 @@ def run_ours(args) -> dict:
          f"moe_backend {cfg.moe_backend}, load {os.getloadavg()[0]:.2f}")
     peak, peak_source = _our_peak(getattr(args, "peak_tflops", None))
     _log(f"  peak for MFU: {peak / 1e9:.1f} GFLOP/s ({peak_source})")
+    training = _our_training(cfg, args)
+    next_batch = _random_batches(cfg.vocab_size, args)
+    steps = _run_steps(lambda: training.train_step(next_batch()), args.steps, tokens, first_note="  (compiles)")
+    flops_per_token = model_train_flops_per_token(cfg, args.seq, args.mode)
+    result = {
+        "program": "mixtral-jax", "config": args.config, "mode": args.mode, "batch": args.batch, "seq": args.seq,
+        "steps": args.steps, "moe_backend": cfg.moe_backend,
+        "grouped_matmul": kernels.grouped_matmul_kind(cfg.grouped_matmul),
+        "attention": kernels.attention_implementation(cfg.attention_implementation, cfg.dtype),
+        **_summary(steps.times, steps.first, tokens), **steps.memory,
+        "peak_flops_per_s": peak, "peak_source": peak_source,
+        "train_flops_per_token": flops_per_token,
+        "trainable_params": int(training.trainable_params),
+        "frozen_base_bytes": int(training.frozen_base_bytes) if args.mode != "full" else 0,
+        "setup_s": training.setup_s, "losses": steps.losses, "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(), "wall_s": time.perf_counter() - t_start,
+    }
+    result["mfu"] = result["tokens_per_s"] * flops_per_token / peak
+    if args.breakdown:
+        result["breakdown"] = _ours_breakdown(training, next_batch(), args.steps)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+@dataclasses.dataclass
+class _OurTraining:
+    """The jitted step and the state it carries from step to step, which the breakdown reuses after the run."""
+    step: object
+    optimizer: object
+    params: object
+    opt_state: object
+    frozen: object
+    setup_s: float
+    trainable_params: int
+    frozen_base_bytes: int
+
+    def train_step(self, batch: dict) -> tuple[float, float, None]:
+        """(loss, seconds, no phases: the step is jitted whole)."""
+        import jax
+
+        extra = _no_dropout(self.step)
+        t0 = time.perf_counter()
+        self.params, self.opt_state, metrics = self.step.step(self.params, self.opt_state, batch, self.frozen, *extra)
+        jax.block_until_ready((self.params, self.opt_state, metrics))
+        seconds = time.perf_counter() - t0
+        return float(metrics["loss"]), seconds, None
+
+
+def _random_batches(vocab_size: int, args):
+    """A new batch of random tokens per call (labels = the inputs), the same sequence for every run of a seed."""
+    import numpy as np
+
+    rng = np.random.default_rng(args.seed)
+
+    def next_batch():
+        ids = rng.integers(0, vocab_size, (args.batch, args.seq), dtype=np.int32)
+        return {"input_ids": ids, "labels": ids, "attention_mask": np.ones_like(ids)}
+
+    return next_batch
+
+
+def _our_training(cfg, args) -> _OurTraining:
+    """The model as the mode asks (LoRA adapters; an NF4 base for qlora), the trainer's optimizer and the
+    one-device train step, set up and timed."""
+    import jax
+    from flax import nnx
+
+    from mixtral_jax.model.lora import LoraConfig, LoRAParam
+    from mixtral_jax.model.nf4_base import base_nbytes, quantize_base
+    from mixtral_jax.model.transformer import Mixtral
+    from mixtral_jax.parallel.sharding import make_mesh
+    from train.optim import OptimizerConfig, make_optimizer
+    from train.step import make_train_step
 
     t0 = time.perf_counter()
     lora = LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA, dropout=0.0) if args.mode != "full" else None
@@ -206,8 +298,8 @@ def run_ours(args) -> dict:
         model = quantize_base(model)
     base_bytes, base_params = base_nbytes(model)
     trainable = nnx.Param if args.mode == "full" else LoRAParam
-    optimizer = make_optimizer(OptimizerConfig(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
-                                               total_steps=args.steps + 1))
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY),
+                               total_steps=args.steps + 1)
     mesh = make_mesh("data=1", devices=jax.devices()[:1])
     step = make_train_step(model, optimizer, mesh, (args.batch, args.seq), trainable=trainable)
     params, frozen = step.split(model)
@@ -219,50 +311,7 @@ def run_ours(args) -> dict:
     _log(f"  setup {setup_s:.1f} s: {n_trainable / 1e6:.2f}M trainable parameters"
          + (f", frozen base {base_bytes / 2**20:.1f} MiB for {base_params / 1e6:.2f}M parameters"
             if args.mode != "full" else ""))
-
-    rng = np.random.default_rng(args.seed)
-
-    def batch():
-        ids = rng.integers(0, cfg.vocab_size, (args.batch, args.seq), dtype=np.int32)
-        return {"input_ids": ids, "labels": ids, "attention_mask": np.ones_like(ids)}
-
-    extra = _no_dropout(step)
-    rss = RssPeaks()
-    losses, times, first = [], [], None
-    for i in range(args.steps + 1):
-        b = batch()
-        t0 = time.perf_counter()
-        params, opt_state, metrics = step.step(params, opt_state, b, frozen, *extra)
-        jax.block_until_ready((params, opt_state, metrics))
-        dt = time.perf_counter() - t0
-        losses.append(float(metrics["loss"]))
-        if i == 0:
-            first = dt
-            rss.start_timed()
-        else:
-            times.append(dt)
-        _log(f"  step {i}/{args.steps}: {dt * 1e3:8.1f} ms  loss {losses[-1]:.4f}"
-             + ("  (compiles)" if i == 0 else f"  {tokens / dt:7.0f} tok/s"))
-    memory = rss.result()
-    flops_per_token = model_train_flops_per_token(cfg, args.seq, args.mode)
-    result = {
-        "program": "mixtral-jax", "config": args.config, "mode": args.mode, "batch": args.batch, "seq": args.seq,
-        "steps": args.steps, "moe_backend": cfg.moe_backend,
-        "grouped_matmul": kernels.grouped_matmul_kind(cfg.grouped_matmul),
-        "attention": kernels.attention_implementation(cfg.attention_implementation, cfg.dtype),
-        **_summary(times, first, tokens), **memory,
-        "peak_flops_per_s": peak, "peak_source": peak_source,
-        "train_flops_per_token": flops_per_token,
-        "trainable_params": int(n_trainable),
-        "frozen_base_bytes": int(base_bytes) if args.mode != "full" else 0,
-        "setup_s": setup_s, "losses": losses, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-        "wall_s": time.perf_counter() - t_start,
-    }
-    result["mfu"] = result["tokens_per_s"] * flops_per_token / peak
-    if args.breakdown:
-        result["breakdown"] = _ours_breakdown(step, optimizer, params, opt_state, frozen, batch(), args.steps)
-    print(json.dumps(result), flush=True)
-    return result
+    return _OurTraining(step, optimizer, params, opt_state, frozen, setup_s, n_trainable, base_bytes)
 
 
 def _no_dropout(step) -> tuple:
@@ -270,13 +319,15 @@ def _no_dropout(step) -> tuple:
     return (None,)
 
 
-def _ours_breakdown(step, optimizer, params, opt_state, frozen, batch, repeats: int) -> dict:
+def _ours_breakdown(training: _OurTraining, batch, repeats: int) -> dict:
     """Forward alone (step.evaluate), forward + backward alone (step.grads) and the optimizer alone (clip +
     AdamW update + apply, jitted with the step's shardings), median ms after one compiling call each; and the
     compiled step's memory analysis (arguments, outputs, temporaries)."""
     import jax
     import optax
 
+    step, optimizer, frozen = training.step, training.optimizer, training.frozen
+    params, opt_state = training.params, training.opt_state
     _log("  breakdown: forward, forward+backward, optimizer")
     repeats = max(3, repeats)
     fwd = median_seconds(lambda: jax.block_until_ready(step.evaluate(params, batch, frozen)), repeats)
@@ -372,7 +423,6 @@ def _reference_model(args):
 def run_reference(args) -> dict:
     """transformers (+ peft, + bitsandbytes) train step; progress on stderr, JSON as the last stdout line."""
     t_start = time.perf_counter()
-    import numpy as np
     import torch
 
     torch.set_num_threads(args.torch_threads or os.cpu_count())
@@ -390,10 +440,33 @@ def run_reference(args) -> dict:
     setup_s = time.perf_counter() - t0
     n_trainable = sum(p.numel() for p in trainable)
     _log(f"  setup {setup_s:.1f} s: {n_trainable / 1e6:.2f}M trainable parameters")
+    steps = _run_steps(_reference_step(model, optimizer, args), args.steps, tokens, first_note="")
+    result = {
+        "program": "transformers" + ("+peft" if args.mode != "full" else "") + ("+bitsandbytes" if args.mode == "qlora" else ""),
+        "config": args.config, "mode": args.mode, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+        **_summary(steps.times, steps.first, tokens), **steps.memory,
+        "peak_flops_per_s": peak, "peak_source": f"torch.mm {PEAK_N}^3 fp32, {torch.get_num_threads()} threads",
+        "trainable_params": int(n_trainable), "setup_s": setup_s, "losses": steps.losses, "notes": notes,
+        "breakdown": _phase_medians_ms(steps.phases),
+        "versions": _reference_versions(args.mode),
+        "experts_implementation": getattr(model.config, "_experts_implementation", None),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "wall_s": time.perf_counter() - t_start,
+    }
+    b = result["breakdown"]
+    _log(f"  forward {b['forward_ms']:.1f} ms, backward {b['backward_ms']:.1f} ms, optimizer {b['optimizer_ms']:.1f} ms")
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def _reference_step(model, optimizer, args):
+    """A step on a new random batch per call -> (loss, seconds, (forward, backward, optimizer) seconds)."""
+    import numpy as np
+    import torch
+
     rng = np.random.default_rng(args.seed)
-    rss = RssPeaks()
-    losses, times, parts, first = [], [], [], None
-    for i in range(args.steps + 1):
+
+    def one_step():
         ids = torch.from_numpy(rng.integers(0, model.config.vocab_size, (args.batch, args.seq), dtype=np.int64))
         t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids, output_router_logits=True).loss
@@ -403,42 +476,28 @@ def run_reference(args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
-        losses.append(float(loss.detach()))
-        dt = t3 - t0
-        if i == 0:
-            first = dt
-            rss.start_timed()
-        else:
-            times.append(dt)
-            parts.append((t1 - t0, t2 - t1, t3 - t2))
-        _log(f"  step {i}/{args.steps}: {dt * 1e3:8.1f} ms  loss {losses[-1]:.4f}"
-             + ("" if i == 0 else f"  {tokens / dt:7.0f} tok/s"))
-    memory = rss.result()
+        return float(loss.detach()), t3 - t0, (t1 - t0, t2 - t1, t3 - t2)
+
+    return one_step
+
+
+def _phase_medians_ms(phases: list) -> dict:
+    return {"forward_ms": 1e3 * statistics.median(p[0] for p in phases),
+            "backward_ms": 1e3 * statistics.median(p[1] for p in phases),
+            "optimizer_ms": 1e3 * statistics.median(p[2] for p in phases)}
+
+
+def _reference_versions(mode: str) -> dict:
     import peft
+    import torch
     import transformers
 
-    result = {
-        "program": "transformers" + ("+peft" if args.mode != "full" else "") + ("+bitsandbytes" if args.mode == "qlora" else ""),
-        "config": args.config, "mode": args.mode, "batch": args.batch, "seq": args.seq, "steps": args.steps,
-        **_summary(times, first, tokens), **memory,
-        "peak_flops_per_s": peak, "peak_source": f"torch.mm {PEAK_N}^3 fp32, {torch.get_num_threads()} threads",
-        "trainable_params": int(n_trainable), "setup_s": setup_s, "losses": losses, "notes": notes,
-        "breakdown": {"forward_ms": 1e3 * statistics.median(p[0] for p in parts),
-                      "backward_ms": 1e3 * statistics.median(p[1] for p in parts),
-                      "optimizer_ms": 1e3 * statistics.median(p[2] for p in parts)},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
-        "experts_implementation": getattr(model.config, "_experts_implementation", None),
-        "attn_implementation": getattr(model.config, "_attn_implementation", None),
-        "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "wall_s": time.perf_counter() - t_start,
-    }
-    if args.mode == "qlora":
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    if mode == "qlora":
         import bitsandbytes
 
-        result["versions"]["bitsandbytes"] = bitsandbytes.__version__
-    b = result["breakdown"]
-    _log(f"  forward {b['forward_ms']:.1f} ms, backward {b['backward_ms']:.1f} ms, optimizer {b['optimizer_ms']:.1f} ms")
-    print(json.dumps(result), flush=True)
-    return result
+        versions["bitsandbytes"] = bitsandbytes.__version__
+    return versions
 
 
 # ------------------------------------------------------------------------------------------------ compare
@@ -468,7 +527,9 @@ def _median(rows: list[dict], key: str):
 
 
 def _machine_info() -> dict:
-    from bench.bench_model import machine_info  # the forward benchmark's description of the machine
+    from bench.bench_model import (
+        machine_info,  # the forward benchmark's description of the machine
+    )
 
     info = machine_info(torch_threads=os.cpu_count())
     import optax

@@ -16,8 +16,14 @@ def _output_arguments(parser) -> None:
 
 
 def register(commands) -> None:
-    p = commands.add_parser("convert", help="create and convert checkpoints")
-    sub = p.add_subparsers(dest="convert_command", required=True)
+    parser = commands.add_parser("convert", help="create and convert checkpoints")
+    sub = parser.add_subparsers(dest="convert_command", required=True)
+    for add_command in (_add_init, _add_export_peft, _add_import_peft, _add_hf_to_orbax, _add_orbax_to_hf,
+                        _add_verify):
+        add_command(sub)
+
+
+def _add_init(sub) -> None:
     init = sub.add_parser("init", help="write a randomly initialised model as an HF directory",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     init.add_argument("out", help="output HF directory")
@@ -28,12 +34,16 @@ def register(commands) -> None:
     init.add_argument("overrides", nargs="*", help="config overrides key=value")
     init.set_defaults(run=run_init)
 
+
+def _add_export_peft(sub) -> None:
     export = sub.add_parser("export-peft", help="write a LoRA training run's adapters as a PEFT adapter directory")
     export.add_argument("run_dir", metavar="RUN_DIR", help="training run directory (LoRA)")
     export.add_argument("out", help="output adapter directory")
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(run=run_export_peft)
 
+
+def _add_import_peft(sub) -> None:
     load = sub.add_parser("import-peft", help="load a PEFT adapter directory onto an HF base and summarise it")
     load.add_argument("adapter_dir", help="directory with adapter_config.json and adapter_model.safetensors")
     load.add_argument("--base", required=True, help="HF base model directory")
@@ -41,9 +51,10 @@ def register(commands) -> None:
                       help="also run the adapted model on a few tokens and check its logits are finite")
     load.set_defaults(run=run_import_peft)
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+def _add_hf_to_orbax(sub) -> None:
     to_orbax = sub.add_parser(
-        "hf-to-orbax", formatter_class=fmt,
+        "hf-to-orbax", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="stream an HF safetensors directory (legacy or fused layout) into an Orbax model checkpoint",
         description="Reads the HF checkpoint tensor by tensor (peak host memory: a few of its largest per-layer "
                     "tensors) and writes an Orbax model checkpoint that from_pretrained restores onto any mesh.")
@@ -59,8 +70,10 @@ def register(commands) -> None:
     _output_arguments(to_orbax)
     to_orbax.set_defaults(run=run_hf_to_orbax)
 
+
+def _add_orbax_to_hf(sub) -> None:
     to_hf = sub.add_parser(
-        "orbax-to-hf", formatter_class=fmt,
+        "orbax-to-hf", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="write an Orbax model checkpoint or a training run as an HF directory (legacy per-expert layout)",
         description="SRC is an Orbax model checkpoint (streamed layer by layer) or a training run directory. "
                     "A LoRA run needs --merge: its adapters are folded into the base (W + B A * alpha / r in "
@@ -79,8 +92,10 @@ def register(commands) -> None:
     _output_arguments(to_hf)
     to_hf.set_defaults(run=run_orbax_to_hf)
 
+
+def _add_verify(sub) -> None:
     check = sub.add_parser(
-        "verify", formatter_class=fmt,
+        "verify", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="compare two checkpoints (HF dirs, Orbax model dirs, training runs) tensor by tensor",
         description="Prints the largest absolute difference of the 10 most different tensors (HF names) and "
                     "overall; exit status 0 when within --atol (identical by default), 1 otherwise.")
@@ -105,10 +120,10 @@ def run_export_peft(args) -> int:
     """The run's latest adapters and modules_to_save, the base named (resolved) in adapter_config.json."""
     import os
 
-    from mixtral_jax import runs
-    from mixtral_jax.hf_checkpoint import from_pretrained
-    from mixtral_jax.peft_adapters import save_peft_adapter
-    from mixtral_jax.safetensors_io import CheckpointError
+    from mixtral_jax.checkpoints import run_manifest as runs
+    from mixtral_jax.checkpoints.peft import save_peft_adapter
+    from mixtral_jax.checkpoints.pretrained import from_pretrained
+    from mixtral_jax.errors import CheckpointError
 
     run_model = runs.read_manifest(args.run_dir)
     if run_model.lora is None:
@@ -128,8 +143,12 @@ def run_import_peft(args) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from mixtral_jax.peft_adapters import WEIGHTS_FILE, load_peft_adapter, read_adapter_config
-    from mixtral_jax.safetensors_io import SafetensorsFile
+    from mixtral_jax.checkpoints.peft import (
+        WEIGHTS_FILE,
+        load_peft_adapter,
+        read_adapter_config,
+    )
+    from mixtral_jax.io.safetensors_files import SafetensorsFile
 
     lora, modules_to_save = read_adapter_config(args.adapter_dir)
     model = load_peft_adapter(args.base, args.adapter_dir)

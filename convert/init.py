@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from flax import nnx
 
+from mixtral_jax.checkpoints.hf_model import save_pretrained
 from mixtral_jax.config import MixtralConfig, parse_overrides
-from mixtral_jax.hf_checkpoint import save_pretrained
-from mixtral_jax.model import Mixtral
+from mixtral_jax.model.transformer import Mixtral
 
 
 def init_random(out: str, preset: str, seed: int = 0, dtype: str = "float32", overrides: list[str] = (),

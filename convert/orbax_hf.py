@@ -1,23 +1,40 @@
-"""`convert hf-to-orbax`, `convert orbax-to-hf` and `convert verify`: streaming conversions between HF
-safetensors directories and Orbax model checkpoints (mixtral_jax/orbax_model.py), and a tensor-by-tensor
-comparison of any two checkpoints."""
+"""`convert hf-to-orbax`, `convert orbax-to-hf` and `convert verify`: the command line's arguments for the
+library's streaming converters (mixtral_jax/checkpoints/hf_to_orbax.py, orbax_to_hf.py), and a
+tensor-by-tensor comparison of any two checkpoints."""
 
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
 
-from mixtral_jax import runs
-from mixtral_jax.hf_files import write_pretrained
-from mixtral_jax.layer_tensors import HFSource, ModelSource, open_source
-from mixtral_jax.layout import legacy_mappings, ours_to_hf_into, split_index
-from mixtral_jax.orbax_model import OrbaxSource, convert_hf, is_orbax_model
-from mixtral_jax.safetensors_io import CheckpointError
+from mixtral_jax.checkpoints.hf_to_orbax import convert_hf
+from mixtral_jax.checkpoints.name_map import (
+    legacy_mappings,
+    ours_to_hf_into,
+    split_index,
+)
+from mixtral_jax.checkpoints.open_source import open_source
+from mixtral_jax.checkpoints.orbax_to_hf import orbax_to_hf as write_hf
+from mixtral_jax.checkpoints.sources import HFSource
+from mixtral_jax.errors import CheckpointError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def hf_to_orbax(hf_dir: str, out: str, dtype: str = "keep", quantize: str = "none", mesh: str | None = None,
+                overwrite: bool = False, show_progress: bool = True) -> dict:
+    """`convert hf-to-orbax`'s arguments as the command line gives them (dtype "keep")."""
+    return convert_hf(hf_dir, out, dtype=None if dtype == "keep" else dtype, quantize=quantize, mesh=mesh,
+                      overwrite=overwrite, show_progress=show_progress)
+
+
+def orbax_to_hf(src: str, out: str, dtype: str = "keep", max_shard_size: str | int | None = "5GB", **options) -> None:
+    """`convert orbax-to-hf`'s arguments as the command line gives them (dtype "keep", sizes as text)."""
+    max_bytes = None if max_shard_size in (None, "", 0) else (
+        max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size))
+    write_hf(src, out, dtype=None if dtype == "keep" else dtype, max_shard_bytes=max_bytes, **options)
 
 
 def parse_size(text: str) -> int:
@@ -26,57 +43,6 @@ def parse_size(text: str) -> int:
     if not match or match.group(2).upper() not in _UNITS:
         raise ValueError(f"--max-shard-size '{text}': expected a size such as 5GB, 500MB or 20000")
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-
-
-def _refuse_existing(out: str, overwrite: bool) -> None:
-    """Before a run's model is loaded (minutes at 8x7B), not after: write_pretrained checks again."""
-    if os.path.exists(out) and not overwrite:
-        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
-
-
-def hf_to_orbax(hf_dir: str, out: str, dtype: str = "keep", quantize: str = "none", mesh: str | None = None,
-                overwrite: bool = False, show_progress: bool = True) -> dict:
-    return convert_hf(hf_dir, out, dtype=None if dtype == "keep" else dtype, quantize=quantize, mesh=mesh,
-                      overwrite=overwrite, show_progress=show_progress)
-
-
-def merged_run_model(run_dir: str, base: str | None = None, merge_base: str = "full"):
-    """A run's model with its adapters folded in (W + B A * alpha / r in fp32, then cast), and the directory
-    of the model at the bottom of its chain of runs: the recorded one, or `base` (an HF directory) in its
-    place. `merge_base` "nf4" merges onto the dequantised NF4 base the run trained on, "full" (default) onto
-    the full-precision base. The whole model is in memory."""
-    from mixtral_jax import checkpoint
-
-    model = checkpoint.load_run(run_dir, merge=True, root=base and os.path.abspath(base), merge_base=merge_base)
-    return model, os.path.abspath(base) if base else runs.root_base(run_dir)
-
-
-def orbax_to_hf(src: str, out: str, dtype: str = "keep", max_shard_size: str | int | None = "5GB",
-                merge: bool = False, base: str | None = None, merge_base: str = "full", overwrite: bool = False,
-                show_progress: bool = True) -> None:
-    _refuse_existing(out, overwrite)
-    max_bytes = None if max_shard_size in (None, "", 0) else (
-        max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size))
-    if is_orbax_model(src):
-        if merge or base is not None:
-            raise CheckpointError(f"{src}: an Orbax model checkpoint has no adapters; --merge and --base apply "
-                                  f"to training run directories")
-        source = OrbaxSource(src)
-    else:
-        if not runs.is_run_dir(src):
-            raise CheckpointError(f"{src}: neither an Orbax model checkpoint (no orbax_model.json) nor a "
-                                  f"training run directory (no {runs.MANIFEST})")
-        run_model = runs.read_manifest(src)
-        if run_model.lora is not None and not merge:
-            raise CheckpointError(f"{src}: a LoRA training run; pass --merge to fold its adapters into the "
-                                  f"base weights, or write the adapters alone with `mixtral-jax convert "
-                                  f"export-peft {src} OUT`")
-        model, base_dir = merged_run_model(src, base, merge_base)
-        source = ModelSource(model, base_dir if os.path.isdir(base_dir) else None)
-    write_pretrained(source.config, source.read, out, max_shard_bytes=max_bytes,
-                     dtype=None if dtype == "keep" else dtype, overwrite=overwrite,
-                     extra_files=source.extra_files(), show_progress=show_progress, read_part=source.read_part,
-                     read_ahead=2 if isinstance(source, OrbaxSource) else 1)
 
 
 # ------------------------------------------------------------------------------------------------ verify
@@ -163,4 +129,4 @@ def verify(a: str, b: str, atol: float = 0.0, top: int = 10, as_json: bool = Fal
     return 0 if ok else 1
 
 
-__all__ = ["compare", "hf_to_orbax", "merged_run_model", "orbax_to_hf", "parse_size", "verify"]
+__all__ = ["compare", "hf_to_orbax", "orbax_to_hf", "parse_size", "verify"]

@@ -1,5 +1,5 @@
-"""`mixtral-jax vocab extend`: Chinese-LLaMA's vocabulary extension of a model (mixtral_jax/vocab.py), written
-as an HF directory (weights streamed one layer-tensor at a time, the merged tokenizer beside them)."""
+"""`mixtral-jax vocab extend`: Chinese-LLaMA's vocabulary extension of a model
+(mixtral_jax/data/vocab_extension.py), written as an HF directory (weights streamed one layer-tensor at a time, the merged tokenizer beside them)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import tempfile
+
 
 def register(commands) -> None:
     from convert.cli import _dtype_argument, _output_arguments
@@ -51,17 +52,25 @@ def extend(model: str, sources: list[str], out: str, vocab_size: int = 20000, mo
            max_shard_size: str = "5GB", overwrite: bool = False, show_progress: bool = True) -> dict:
     """Writes the extended model to `out` (under a temporary name, renamed when complete); returns a summary."""
     from convert.orbax_hf import parse_size
-    from mixtral_jax.hf_files import write_pretrained
-    from mixtral_jax.layer_tensors import open_source
-    from mixtral_jax.safetensors_io import CheckpointError
-    from mixtral_jax.texts import read_texts
-    from mixtral_jax.tokenizer import TokenizerError, default_tokenizer_path, model_tokenizer_path
-    from mixtral_jax.vocab import (TOKENIZER_FILES, ResizedSource, merge_pieces, read_model, train_sentencepiece,
-                                   unreachable_pieces, write_tokenizer_files)
+    from mixtral_jax.checkpoints.hf_files import write_pretrained
+    from mixtral_jax.checkpoints.open_source import open_source
+    from mixtral_jax.checkpoints.run_manifest import model_directory
+    from mixtral_jax.data.texts import read_texts
+    from mixtral_jax.data.tokenizer import default_tokenizer_path, model_tokenizer_path
+    from mixtral_jax.data.vocab_extension import (
+        TOKENIZER_FILES,
+        ResizedSource,
+        merge_pieces,
+        read_model,
+        train_sentencepiece,
+        unreachable_pieces,
+        write_tokenizer_files,
+    )
+    from mixtral_jax.errors import CheckpointError, TokenizerError
 
     if os.path.exists(out) and not overwrite:
         raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
-    base_path = tokenizer or model_tokenizer_path(model) or default_tokenizer_path()
+    base_path = tokenizer or model_tokenizer_path(model_directory(model)) or default_tokenizer_path()
     if os.path.isdir(base_path):
         raise TokenizerError(f"{base_path}: HF tokenizer files without a tokenizer.model to extend; pass "
                              f"--tokenizer FILE.model")

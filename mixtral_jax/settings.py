@@ -16,7 +16,8 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from mixtral_jax.config import ConfigError, parse_overrides
+from mixtral_jax.config import parse_overrides
+from mixtral_jax.errors import ConfigError
 
 
 def setting(default, help: str, **limits):

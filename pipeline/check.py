@@ -6,8 +6,8 @@ import importlib.util
 
 import numpy as np
 
-from mixtral_jax.corpora import hsk_english, peoples_daily
-from mixtral_jax.output_dir import write_json
+from mixtral_jax.data.corpora import hsk_english, peoples_daily
+from mixtral_jax.io.output_dir import write_json
 
 SENTENCES = 2  # held-out sentences of each language, one batch each
 
@@ -16,7 +16,7 @@ def check_release(release: str, out: str, atol: float) -> dict:
     """Logits of transformers' MixtralForCausalLM (fp32, torch on CPU) against ours on held-out Chinese and
     English; the largest difference must be within `atol`. Without torch the check is recorded as skipped."""
     import mixtral_jax as mj
-    from mixtral_jax.tokenizer import load_tokenizer
+    from mixtral_jax.data.tokenizer import load_tokenizer
 
     if importlib.util.find_spec("torch") is None:
         result = {"release": release, "transformers": "skipped: torch is not installed (pip install torch)"}
@@ -39,7 +39,7 @@ def check_release(release: str, out: str, atol: float) -> dict:
                   "max_abs_logit_difference": largest, "atol": atol, "passed": largest <= atol}
     write_json(out, result)
     if result.get("passed") is False:
-        from pipeline.stages import PipelineError
+        from pipeline.errors import PipelineError
 
         raise PipelineError(f"{release}: transformers' logits differ from ours by {largest:.3g} (> {atol}); "
                             f"see {out}")

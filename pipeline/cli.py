@@ -22,7 +22,7 @@ def register(commands) -> None:
 
 
 def run(args) -> int:
-    from mixtral_jax.output_dir import write_json, write_text
+    from mixtral_jax.io.output_dir import write_json, write_text
     from mixtral_jax.settings import config_and_overrides, keys_text
     from pipeline.config import PipelineConfig, load_config
     from pipeline.report import build_report, markdown

@@ -8,8 +8,8 @@ import csv
 import os
 import random
 
-from mixtral_jax.corpora import hsk_english, hsk_pairs, peoples_daily
-from mixtral_jax.output_dir import output_directory
+from mixtral_jax.data.corpora import hsk_english, hsk_pairs, peoples_daily
+from mixtral_jax.io.output_dir import output_directory
 
 MCQ_SUBJECT = "hsk_translation"
 LETTERS = "ABCD"

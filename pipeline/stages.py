@@ -1,9 +1,9 @@
 """The stages of `mixtral-jax pipeline`, from an HF base directory to a released, checked HF model.
 
-Each stage is one documented `mixtral-jax` command (printed before it runs, so any stage can be rerun by
-hand) or a check, run in this process. A stage that finishes leaves a marker (`.done/NAME.json`, with its
-seconds); a later run skips every marked stage, and a training stage that was killed resumes from its own
-checkpoints. Stage outputs are written whole and renamed, so a kill never leaves a half-written one behind.
+Each stage is one documented `mixtral-jax` command, run as its own process (printed before it runs, so any
+stage can be rerun by hand; each starts with the accelerator's memory free), or a check run in this process.
+A stage that finishes leaves a marker (`.done/NAME.json`, with its seconds); a later run skips every marked
+stage, and a training stage that was killed resumes from its own checkpoints. Stage outputs are written whole and renamed, so a kill never leaves a half-written one behind.
 """
 
 from __future__ import annotations
@@ -11,16 +11,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+import subprocess
 import sys
 import time
 from typing import Callable
 
-from mixtral_jax.output_dir import write_json
+from mixtral_jax.io.output_dir import write_json
 from pipeline.config import EMBEDDED, PipelineConfig
-
-
-class PipelineError(RuntimeError):
-    """A stage failed; the message names the stage and the command to rerun."""
+from pipeline.errors import PipelineError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,12 +29,10 @@ class Stage:
 
 
 def run_command(argv: list[str]) -> None:
-    """`mixtral-jax ARGV` in this process, echoed first; a non-zero exit is a PipelineError."""
-    from mixtral_jax.cli import main
-
+    """`mixtral-jax ARGV` as a child process, echoed first; a non-zero exit is a PipelineError."""
     line = "mixtral-jax " + shlex.join(argv)
     print(f"$ {line}", file=sys.stderr, flush=True)
-    code = main(argv)
+    code = subprocess.run([sys.executable, "-m", "mixtral_jax.cli", *argv]).returncode
     if code:
         raise PipelineError(f"`{line}` exited with status {code}")
 

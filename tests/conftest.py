@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny random transformers Mixtral models saved as HF directories, made once per session."""
+"""Shared fixtures: tiny random transformers Mixtral models saved as HF directories, made once per session.
+torch is imported by the fixture that builds them, so a test that does not compare with transformers never
+imports it. Tests marked `slow` (subprocess runs, whole training runs, Pallas interpret mode) are left out of
+`make test-quick`."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
-import torch
 
 # Tiny configs that differ in GQA ratio, head_dim, top-k, expert count and sliding window.
 REFERENCE_CONFIGS = {
@@ -29,6 +31,7 @@ REFERENCE_CONFIGS = {
 
 def make_reference_model(name: str, seed: int = 0):
     """A transformers MixtralForCausalLM (fp32, eval mode) with random weights for REFERENCE_CONFIGS[name]."""
+    import torch
     from transformers import MixtralConfig as HFMixtralConfig
     from transformers import MixtralForCausalLM
 

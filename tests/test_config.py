@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from mixtral_jax.config import ConfigError, MixtralConfig
+from mixtral_jax.config import MixtralConfig
+from mixtral_jax.errors import ConfigError
 
 # A transformers-4 / Hub style config.json (top-level rope_theta).
 HUB_STYLE = {

@@ -101,9 +101,10 @@ def run(args) -> int:
     from jax._src import xla_bridge
 
     from mixtral_jax.config import MixtralConfig, parse_overrides
-    from mixtral_jax.lora import LoraConfig
-    from mixtral_jax.sharding import MeshError, mesh_device_count
-    from train.plan import ensure_cpu_devices, format_plan, plan
+    from mixtral_jax.model.lora import LoraConfig
+    from mixtral_jax.parallel.sharding import MeshError, mesh_device_count
+    from train.config import OptimizerConfig
+    from train.plan import PlanRequest, ensure_cpu_devices, format_plan, plan
 
     config = MixtralConfig.from_preset(args.preset, parse_overrides(args.overrides))
     count = mesh_device_count(args.mesh, args.devices)
@@ -119,9 +120,10 @@ def run(args) -> int:
     def progress(message):
         print(message, file=sys.stderr, flush=True)
 
-    result = plan(config, args.mesh, args.batch, args.seq, devices=devices, optimizer=args.optimizer,
-                  state_dtype=args.state_dtype, preset=args.preset, overrides=args.overrides, progress=progress,
-                  qlora=LoraConfig() if args.qlora else None)
+    request = PlanRequest(config, args.mesh, args.batch, args.seq,
+                          optimizer=OptimizerConfig(state_dtype=args.state_dtype),
+                          qlora=LoraConfig() if args.qlora else None, preset=args.preset, overrides=args.overrides)
+    result = plan(request, devices=devices, progress=progress)
     if args.json == "-":
         print(json.dumps(result.to_json(), indent=2))
     else:

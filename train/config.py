@@ -1,5 +1,8 @@
 """The train command's configuration: every key declared once, with its type, default and a line of help
-(`mixtral-jax train --keys` prints them), read by `mixtral_jax.settings` (strict YAML, dotted overrides)."""
+(`mixtral-jax train --keys` prints them), read by `mixtral_jax.settings` (strict YAML, dotted overrides).
+
+The `lora` section extends the library's LoraConfig and the `optimizer` section is the config the optimizer
+factory takes, so neither is copied field by field into another schema (importing LoraConfig imports JAX)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ import dataclasses
 import os
 from typing import Literal
 
-from mixtral_jax.config import ConfigError
+from mixtral_jax.errors import ConfigError
+from mixtral_jax.model.lora import LoraConfig
 from mixtral_jax.settings import load_settings, plain, setting, setting_list
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -27,15 +31,19 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraSection:
+class LoraSection(LoraConfig):
+    """The library's LoraConfig (rank, alpha, dropout, targets: declared there, once) plus what only a training
+    run decides: whether adapters train at all, and which weights train in full beside them."""
+
     enabled: bool = setting(True, "train LoRA adapters over a frozen base (false: full fine-tuning)")
-    rank: int = setting(64, "adapter rank r", min=1)
-    alpha: float = setting(128.0, "scale alpha (the update is alpha / r * x A B)", min=0)
-    dropout: float = setting(0.05, "dropout on the adapters' input", min=0, max=0.99)
-    targets: tuple[str, ...] = setting_list(("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3", "gate"),
-                                             "adapted weights (any of q_proj k_proj v_proj o_proj w1 w2 w3 gate)")
     modules_to_save: tuple[str, ...] = setting_list(
         ("embed_tokens", "lm_head"), "weights trained in full beside the adapters (peft's modules_to_save)")
+
+    def manifest_fields(self) -> dict | None:
+        """The LoraConfig fields a run's manifest (`RunModel.lora`) records; None for full fine-tuning."""
+        if not self.enabled:
+            return None
+        return plain({f.name: getattr(self, f.name) for f in dataclasses.fields(LoraConfig)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +67,10 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimizerSection:
+class OptimizerConfig:
+    """The paper's optimizer settings, and the very config `train.optim.make_optimizer` takes (the number of
+    steps it schedules over is computed at run time and passed beside it)."""
+
     learning_rate: float = setting(1e-4, "peak learning rate", min=0)
     weight_decay: float = setting(0.1, "AdamW weight decay", min=0)
     warmup_ratio: float = setting(0.05, "linear warmup as a share of the steps, then cosine decay to 0",
@@ -68,6 +79,9 @@ class OptimizerSection:
     b1: float = setting(0.9, "AdamW beta1", min=0, max=1)
     b2: float = setting(0.999, "AdamW beta2", min=0, max=1)
     eps: float = setting(1e-8, "AdamW epsilon", min=0)
+    state_dtype: Literal["float32", "bfloat16", "param"] = setting(
+        "float32", "dtype of AdamW's mu and nu, whatever the parameters' dtype (param: the parameters' own, "
+                   "optax's default)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +109,7 @@ class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
 
     def to_dict(self) -> dict:
         return plain(dataclasses.asdict(self))

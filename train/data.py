@@ -1,4 +1,4 @@
-"""Pre-training data: how texts (read by `mixtral_jax.texts`) become fixed-size token blocks (as Chinese-Mixtral's
+"""Pre-training data: how texts (read by `mixtral_jax.data.texts`) become fixed-size token blocks (as Chinese-Mixtral's
 `run_clm_pt_with_peft.py` builds them), and the shuffled, resumable, per-host batch iterator shared with SFT.
 
 Data stays in numpy: it is read on the host, and each host hands only its own rows to the device mesh.
@@ -11,8 +11,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from mixtral_jax.distributed import host_rows
-from mixtral_jax.texts import DataError
+from mixtral_jax.data.texts import DataError
+from mixtral_jax.parallel.distributed import host_rows
 
 
 def pretrain_blocks(texts: Iterable[str], tokenizer, block_size: int = 1024, group_lines: int = 1000,
@@ -63,7 +63,7 @@ class BatchIterator:
 
     The order of epoch e is `default_rng([seed, e]).permutation(N)`, so it depends on nothing but the seed,
     which is what lets `restore` resume exactly. The last incomplete global batch of an epoch is dropped.
-    Each host gets only its rows of each global batch (`mixtral_jax.distributed.host_rows`).
+    Each host gets only its rows of each global batch (`mixtral_jax.parallel.distributed.host_rows`).
     """
 
     def __init__(self, arrays: Mapping[str, np.ndarray], global_batch: int, seed: int = 0,

@@ -8,28 +8,36 @@ run before anything of that step is saved, leaving the last checkpoint as it was
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
 import signal
 import time
+from typing import Any
 
 import jax
 import numpy as np
+import optax
 import yaml
 from tqdm.auto import tqdm
 
-from mixtral_jax import checkpoint, paths, runs, texts as text_sources
-from mixtral_jax.config import ConfigError
-from mixtral_jax.distributed import global_batch, host_rows, initialize
-from mixtral_jax.flops import chip_peak_flops, flop_counts, measure_matmul_peak
-from mixtral_jax.sharding import make_mesh
-from mixtral_jax.tokenizer import check_compatible, load_tokenizer
+from mixtral_jax.checkpoints import pretrained
+from mixtral_jax.checkpoints import run_manifest as runs
+from mixtral_jax.checkpoints import run_state as checkpoint
+from mixtral_jax.data import texts as text_sources
+from mixtral_jax.data.tokenizer import check_compatible, load_tokenizer
+from mixtral_jax.errors import ConfigError
+from mixtral_jax.io import paths
+from mixtral_jax.model.flops import chip_peak_flops, flop_counts, measure_matmul_peak
+from mixtral_jax.parallel.distributed import global_batch, host_rows, initialize
+from mixtral_jax.parallel.sharding import make_mesh
 from train import data as data_lib
 from train import sft
 from train.config import TrainConfig
 from train.metrics import MetricsLog, expert_share
-from train.optim import OptimizerConfig, make_optimizer, schedule
-from train.step import make_train_step
+from train.optim import make_optimizer, schedule
+from train.step import TrainStep, make_train_step
 
 CONFIG_FILE = "config.yaml"
 
@@ -39,12 +47,11 @@ class TrainingDiverged(RuntimeError):
 
 
 def run_model_of(config: TrainConfig) -> runs.RunModel:
+    """The model a run trains, as its manifest records it (the LoRA fields are the library's LoraConfig's)."""
     lora = config.lora
     return runs.RunModel(
         base=config.model.path, dtype=config.model.dtype, quantize=config.model.quantize,
-        lora=dict(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=list(lora.targets))
-        if lora.enabled else None,
-        modules_to_save=tuple(lora.modules_to_save) if lora.enabled else (),
+        lora=lora.manifest_fields(), modules_to_save=tuple(lora.modules_to_save) if lora.enabled else (),
         implementation=dict(config.model.implementation), lora_seed=config.seed)
 
 
@@ -127,17 +134,18 @@ def _evaluate(step_fn, params, frozen, arrays, batch_size: int) -> dict:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700)), "eval_tokens": int(tokens)}
 
 
-def train(config: TrainConfig, log=print) -> dict:
-    """Runs (or resumes) the configured training; returns a summary of the run."""
-    initialize()
-    writer = jax.process_index() == 0
-    run_model = run_model_of(config)
-    _prepare_run_dir(config, run_model, writer)
+@dataclasses.dataclass
+class RunData:
+    """The training batches (a resumable iterator), the held-out sequences and the steps they make."""
 
-    tokenizer = load_tokenizer(config.model.tokenizer, model=config.model.path)
-    mesh = make_mesh(config.mesh)
-    model = checkpoint.build_model(run_model, mesh)
-    check_compatible(tokenizer, model.config.vocab_size, f"{config.model.path} field vocab_size")
+    batches: data_lib.BatchIterator
+    eval_arrays: dict[str, np.ndarray] | None
+    train_sequences: int
+    sft_dropped: int
+    total_steps: int
+
+
+def load_data(config: TrainConfig, tokenizer, log) -> RunData:
     train_arrays, dropped = build_arrays(config, config.data.train, tokenizer, replay=True)
     eval_arrays = None
     if config.data.eval:
@@ -145,105 +153,199 @@ def train(config: TrainConfig, log=print) -> dict:
         eval_arrays = {k: v[:config.data.eval_rows] for k, v in eval_arrays.items()}
     batches = data_lib.BatchIterator(train_arrays, config.batch_size, config.seed)
     total_steps = config.steps or max(1, math.floor(config.epochs * batches.steps_per_epoch))
-    log(f"data: {len(train_arrays['input_ids']):,} training sequences of {config.data.seq_len} tokens"
+    sequences = len(train_arrays["input_ids"])
+    log(f"data: {sequences:,} training sequences of {config.data.seq_len} tokens"
         + (f" ({dropped:,} SFT samples dropped: the prompt alone fills data.seq_len)" if dropped else "")
         + f"; {batches.steps_per_epoch:,} steps per epoch, {total_steps:,} steps")
+    return RunData(batches, eval_arrays, sequences, dropped, total_steps)
 
-    opt = config.optimizer
-    optimizer_config = OptimizerConfig(learning_rate=opt.learning_rate, weight_decay=opt.weight_decay,
-                                       warmup_ratio=opt.warmup_ratio, total_steps=total_steps,
-                                       max_grad_norm=opt.max_grad_norm, b1=opt.b1, b2=opt.b2, eps=opt.eps)
-    learning_rate = schedule(optimizer_config)
-    seq_len = config.data.seq_len
-    step_fn = make_train_step(model, make_optimizer(optimizer_config), mesh, (config.batch_size, seq_len),
-                              trainable=run_model.trainable(), micro_batches=config.micro_batches,
-                              aux_loss_coef=config.aux_loss_coef)
-    model_config = model.config
-    params, frozen = step_fn.split(model)
-    del model
-    opt_state = step_fn.init_opt_state(params)
 
-    manager = checkpoint.open_manager(config.run_dir, config.keep_checkpoints, config.async_save)
-    start, rng = 0, jax.random.key(config.seed)
-    if manager.latest_step() is not None:
-        start = manager.latest_step()
-        params, opt_state, meta = checkpoint.restore(manager, start, params, step_fn.param_shardings,
-                                                     opt_state, step_fn.opt_shardings)
-        batches.restore(meta["data"])
-        rng = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
-        log(f"resuming {config.run_dir} from step {start}")
+@dataclasses.dataclass
+class TrainState:
+    """What the loop advances and a checkpoint holds: the step reached, the trainable weights, the optimizer
+    state and the run's RNG key (each step folds its number into it)."""
 
-    def save(step: int) -> None:
+    step: int
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+class Checkpoints:
+    """The run's Orbax checkpoints, with the data iterator's position and the RNG beside the weights; keeps how
+    long each save held up the loop (an async save only starts it)."""
+
+    def __init__(self, config: TrainConfig, step_fn: TrainStep, batches: data_lib.BatchIterator, total_steps: int):
+        self.manager = checkpoint.open_manager(config.run_dir, config.keep_checkpoints, config.async_save)
+        self.step_fn, self.batches, self.total_steps = step_fn, batches, total_steps
+        self.start_seconds: list[float] = []
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, state: TrainState) -> TrainState:
+        """The latest checkpoint's state, `state` giving the structure; the data iterator moves to its place."""
+        step = self.manager.latest_step()
+        params, opt_state, meta = checkpoint.restore(self.manager, step, state.params, self.step_fn.param_shardings,
+                                                     state.opt_state, self.step_fn.opt_shardings)
+        self.batches.restore(meta["data"])
+        return TrainState(step, params, opt_state, jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32)))
+
+    def save(self, state: TrainState) -> None:
         t0 = time.perf_counter()
-        checkpoint.save(manager, step, params, opt_state,
-                        {"step": step, "data": batches.state(), "rng": jax.random.key_data(rng).tolist(),
-                         "total_steps": total_steps})
-        save_seconds.append(time.perf_counter() - t0)
-        metrics_log.flush()  # every row up to a checkpoint is stored with it (a remote log is uploaded late)
+        checkpoint.save(self.manager, state.step, state.params, state.opt_state,
+                        {"step": state.step, "data": self.batches.state(),
+                         "rng": jax.random.key_data(state.rng).tolist(), "total_steps": self.total_steps})
+        self.start_seconds.append(time.perf_counter() - t0)
 
-    flops_per_token = flop_counts(model_config, seq_len)["train_flops_per_token"]
-    peak = _peak_flops(config) * jax.device_count()
-    metrics_log = MetricsLog(config.run_dir, start, enabled=writer)
-    summary = {"run_dir": config.run_dir, "start_step": start, "total_steps": total_steps,
-               "train_sequences": len(train_arrays["input_ids"]), "sft_dropped": dropped, "stopped": None}
-    if eval_arrays is not None and start == 0:
-        first = _evaluate(step_fn, params, frozen, eval_arrays, config.batch_size)
-        metrics_log.write({"step": 0, **first})
-        summary["eval_before"] = first
-    save_seconds: list[float] = []
-    step_seconds, step_tokens, expert_tokens = [], 0, 0
-    bar = tqdm(total=total_steps, initial=start, desc="train", disable=not (config.progress and writer),
-               dynamic_ncols=True)
-    step = start
-    try:
-        with _StopFlag() as stop:
-            while step < total_steps:
-                batch = global_batch(next(batches), step_fn.batch_shardings, config.batch_size)
-                dropout_key = jax.random.fold_in(rng, step) if run_model.lora and config.lora.dropout else None
-                t0 = time.perf_counter()
-                params, opt_state, metrics = step_fn.step(params, opt_state, batch, frozen, dropout_key)
-                loss = float(metrics["loss"])
-                if step > start:  # the first step of a process includes compiling
-                    step_seconds.append(time.perf_counter() - t0)
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(f"step {step + 1}: the loss is {loss}; stopped without saving this step "
-                                           f"(last checkpoint: step {manager.latest_step()})")
-                step += 1
-                step_tokens += int(metrics["tokens"])
-                expert_tokens = expert_tokens + np.asarray(metrics["expert_tokens"])
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class MetricsWindow:
+    """Step times, tokens and expert assignments since the last metrics row, which reports their rates and
+    starts a new window. A step given no time (the first of a process, which includes compiling) counts its
+    tokens but not in the throughput."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float):
+        self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
+        self._reset()
+
+    def _reset(self) -> None:
+        self.seconds: list[float] = []
+        self.tokens, self.expert_tokens = 0, 0
+
+    def add(self, metrics: dict, seconds: float | None) -> None:
+        if seconds is not None:
+            self.seconds.append(seconds)
+        self.tokens += int(metrics["tokens"])
+        self.expert_tokens = self.expert_tokens + np.asarray(metrics["expert_tokens"])
+
+    def row(self, step: int, metrics: dict, learning_rate: float) -> dict:
+        seconds = sum(self.seconds)
+        tokens_per_s = self.tokens_per_step * len(self.seconds) / seconds if seconds else None
+        row = {"step": step, "loss": float(metrics["loss"]), "lm_loss": float(metrics["lm_loss"]),
+               "aux_loss": float(metrics["aux_loss"]), "lr": learning_rate,
+               "grad_norm": float(metrics["grad_norm"]), "tokens": self.tokens, "tokens_per_s": tokens_per_s,
+               "mfu": tokens_per_s * self.flops_per_token / self.peak_flops if tokens_per_s else None,
+               "dropped_tokens": int(metrics["dropped_tokens"]), "expert_share": expert_share(self.expert_tokens)}
+        self._reset()
+        return row
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The loop's fixed parts, built once; `run` advances a TrainState with them."""
+
+    config: TrainConfig
+    step_fn: TrainStep
+    frozen: Any
+    data: RunData
+    checkpoints: Checkpoints
+    metrics_log: MetricsLog
+    window: MetricsWindow
+    learning_rate: optax.Schedule
+    dropout: bool  # LoRA dropout is on: each step gets a key
+    show_progress: bool
+
+    def run(self, state: TrainState) -> dict:
+        """Steps `state` to the end, or to a stop (SIGTERM, stop_at_step) after which it saves; returns what
+        the run's summary gains: why it stopped, and the held-out scores before and after."""
+        outcome = {"stopped": None}
+        if self.data.eval_arrays is not None and state.step == 0:
+            outcome["eval_before"] = self.write_evaluation(state)
+        first_step, total = state.step, self.data.total_steps
+        with tqdm(total=total, initial=state.step, desc="train", disable=not self.show_progress,
+                  dynamic_ncols=True) as bar, _StopFlag() as stop:
+            while state.step < total:
+                metrics = self.advance(state, timed=state.step > first_step)
                 bar.update(1)
-                if step % config.log_every == 0 or step == total_steps:
-                    seconds = sum(step_seconds)
-                    tokens_per_s = config.batch_size * seq_len * len(step_seconds) / seconds if seconds else None
-                    row = {"step": step, "loss": loss, "lm_loss": float(metrics["lm_loss"]),
-                           "aux_loss": float(metrics["aux_loss"]), "lr": float(learning_rate(step - 1)),
-                           "grad_norm": float(metrics["grad_norm"]), "tokens": step_tokens,
-                           "tokens_per_s": tokens_per_s,
-                           "mfu": tokens_per_s * flops_per_token / peak if tokens_per_s else None,
-                           "dropped_tokens": int(metrics["dropped_tokens"]),
-                           "expert_share": expert_share(expert_tokens)}
-                    metrics_log.write(row)
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s or 0:,.0f}")
-                    step_seconds, step_tokens, expert_tokens = [], 0, 0
-                if eval_arrays is not None and config.eval_every and step % config.eval_every == 0 \
-                        and step < total_steps:
-                    metrics_log.write({"step": step, **_evaluate(step_fn, params, frozen, eval_arrays,
-                                                                 config.batch_size)})
-                if stop.raised or step == config.stop_at_step:
-                    summary["stopped"] = f"{'SIGTERM' if stop.raised else 'stop_at_step'} after step {step}"
-                    save(step)
+                self.report(state, metrics, bar)
+                if stop.raised or state.step == self.config.stop_at_step:
+                    outcome["stopped"] = f"{'SIGTERM' if stop.raised else 'stop_at_step'} after step {state.step}"
+                    self.save(state)
                     break
-                if step % config.save_every == 0 or step == total_steps:
-                    save(step)
-        if eval_arrays is not None and step == total_steps:
-            last = _evaluate(step_fn, params, frozen, eval_arrays, config.batch_size)
-            metrics_log.write({"step": step, **last})
-            summary["eval_after"] = last
-    finally:
-        bar.close()
-        manager.wait_until_finished()
-        manager.close()
-        metrics_log.close()
-    summary.update(end_step=step, checkpoint_start_seconds=save_seconds)
-    return summary
+                if state.step % self.config.save_every == 0 or state.step == total:
+                    self.save(state)
+        if self.data.eval_arrays is not None and state.step == total:
+            outcome["eval_after"] = self.write_evaluation(state)
+        return outcome
 
+    def advance(self, state: TrainState, timed: bool) -> dict:
+        """One optimizer step on the next batch; a non-finite loss raises before the step is counted or saved."""
+        batch = global_batch(next(self.data.batches), self.step_fn.batch_shardings, self.config.batch_size)
+        dropout_key = jax.random.fold_in(state.rng, state.step) if self.dropout else None
+        t0 = time.perf_counter()
+        state.params, state.opt_state, metrics = self.step_fn.step(state.params, state.opt_state, batch,
+                                                                   self.frozen, dropout_key)
+        loss = float(metrics["loss"])  # waits for the step, so the time below is the step's
+        seconds = time.perf_counter() - t0
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"step {state.step + 1}: the loss is {loss}; stopped without saving this step "
+                                   f"(last checkpoint: step {self.checkpoints.latest_step()})")
+        state.step += 1
+        self.window.add(metrics, seconds if timed else None)
+        return metrics
+
+    def report(self, state: TrainState, metrics: dict, bar) -> None:
+        """A metrics row every log_every steps and at the end; held-out scores every eval_every steps."""
+        step, total = state.step, self.data.total_steps
+        if step % self.config.log_every == 0 or step == total:
+            row = self.window.row(step, metrics, float(self.learning_rate(step - 1)))
+            self.metrics_log.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s'] or 0:,.0f}")
+        if self.data.eval_arrays is not None and self.config.eval_every and step % self.config.eval_every == 0 \
+                and step < total:
+            self.write_evaluation(state)
+
+    def write_evaluation(self, state: TrainState) -> dict:
+        scores = _evaluate(self.step_fn, state.params, self.frozen, self.data.eval_arrays, self.config.batch_size)
+        self.metrics_log.write({"step": state.step, **scores})
+        return scores
+
+    def save(self, state: TrainState) -> None:
+        self.checkpoints.save(state)
+        self.metrics_log.flush()  # every row up to a checkpoint is stored with it (a remote log is uploaded late)
+
+
+def _make_step(config: TrainConfig, run_model: runs.RunModel, model, mesh, total_steps: int) -> TrainStep:
+    return make_train_step(model, make_optimizer(config.optimizer, total_steps), mesh,
+                           (config.batch_size, config.data.seq_len), trainable=run_model.trainable(),
+                           micro_batches=config.micro_batches, aux_loss_coef=config.aux_loss_coef)
+
+
+def train(config: TrainConfig, log=print) -> dict:
+    """Runs (or resumes) the configured training; returns a summary of the run."""
+    initialize()
+    writer = jax.process_index() == 0
+    run_model = run_model_of(config)
+    _prepare_run_dir(config, run_model, writer)
+
+    tokenizer = load_tokenizer(config.model.tokenizer, model=runs.model_directory(config.model.path))
+    mesh = make_mesh(config.mesh)
+    model = pretrained.build_model(run_model, mesh)
+    check_compatible(tokenizer, model.config.vocab_size, f"{config.model.path} field vocab_size")
+    data = load_data(config, tokenizer, log)
+    step_fn = _make_step(config, run_model, model, mesh, data.total_steps)
+    flops_per_token = flop_counts(model.config, config.data.seq_len)["train_flops_per_token"]
+    params, frozen = step_fn.split(model)
+    state = TrainState(0, params, step_fn.init_opt_state(params), jax.random.key(config.seed))
+    del model, params  # the state holds the weights now; a restore replaces them
+
+    with contextlib.closing(Checkpoints(config, step_fn, data.batches, data.total_steps)) as checkpoints:
+        if checkpoints.latest_step() is not None:
+            state = checkpoints.restore(state)
+            log(f"resuming {config.run_dir} from step {state.step}")
+        summary = {"run_dir": config.run_dir, "start_step": state.step, "total_steps": data.total_steps,
+                   "train_sequences": data.train_sequences, "sft_dropped": data.sft_dropped, "stopped": None}
+        window = MetricsWindow(config.batch_size * config.data.seq_len, flops_per_token,
+                               _peak_flops(config) * jax.device_count())
+        with contextlib.closing(MetricsLog(config.run_dir, state.step, enabled=writer)) as metrics_log:
+            trainer = Trainer(config, step_fn, frozen, data, checkpoints, metrics_log, window,
+                              learning_rate=schedule(config.optimizer, data.total_steps),
+                              dropout=bool(run_model.lora and config.lora.dropout),
+                              show_progress=config.progress and writer)
+            summary.update(trainer.run(state))
+    summary.update(end_step=state.step, checkpoint_start_seconds=checkpoints.start_seconds)
+    return summary

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from mixtral_jax import paths
+from mixtral_jax.io import paths
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

@@ -3,7 +3,8 @@
 The model is built abstractly (`nnx.eval_shape`), parameters, optimizer state and batch reach `.lower()` as
 `jax.ShapeDtypeStruct`s carrying their shardings, and XLA's buffer assignment of the compiled step gives the
 bytes each device needs. The figures are per device. They are checked against a count by hand: the
-parameter shapes written out from the config fields, divided by the shards their partition specs make.
+library's parameter shapes (`checkpoints.name_map.param_shapes`), divided by the shards their partition specs
+make. The optimizer is the trainer's own (`train.optim.make_optimizer`), so its state is what a run holds.
 
 On CPU a mesh of N devices needs `XLA_FLAGS=--xla_force_host_platform_device_count=N` before jax starts its
 backends; `ensure_cpu_devices` sets it when it still can (see `train/cli.py` for the re-run when it cannot).
@@ -17,7 +18,7 @@ import os
 import re
 import resource
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,17 +26,30 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from mixtral_jax.checkpoints.name_map import param_shapes
 from mixtral_jax.config import MixtralConfig
-from mixtral_jax.lora import LoRAParam, LoraConfig
-from mixtral_jax.model import Mixtral
-from mixtral_jax.quantized import BLOCK, QUANTIZED, quantize_base
-from mixtral_jax.sharding import MESH_AXES, MeshError, default_rules, make_mesh, mesh_device_count
-from train.step import BATCH_KEYS, make_train_step
+from mixtral_jax.model.lora import LoraConfig, LoRAParam
+from mixtral_jax.model.nf4_base import quantize_base
+from mixtral_jax.model.targets import LINEAR_WEIGHTS
+from mixtral_jax.model.transformer import Mixtral
+from mixtral_jax.parallel.sharding import (
+    MESH_AXES,
+    MeshError,
+    default_rules,
+    make_mesh,
+    mesh_device_count,
+)
+from mixtral_jax.quantization.nf4_weight import BLOCK
+from train.config import OptimizerConfig
+from train.optim import make_optimizer
+from train.step import BATCH_KEYS, TrainStep, make_train_step
 
 GiB = 2 ** 30
 # HBM per chip, as the vendors state it (GiB: these are binary sizes). Runtimes keep a little for themselves.
 CHIPS = (("TPU v4", 32), ("TPU v5e", 16), ("TPU v5p", 95), ("TPU v6e", 32), ("H100", 80))
 HAND_COUNT_TOLERANCE = 0.03  # compiled argument bytes vs the hand count (relative)
+OPTIMIZER = "adamw"  # train.optim.make_optimizer's, the only one
+STEP_COUNT_BYTES = 8  # the optimizer's two int32 step counts: Adam's (bias correction) and the schedule's
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -62,61 +76,11 @@ def ensure_cpu_devices(count: int) -> list[jax.Device] | None:
     return devices[:count] if len(devices) >= count else None
 
 
-# ------------------------------------------------------------------------------------------------ optimizer
-def state_in_dtype(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
-    """`inner` with its state kept in `dtype` (fp32 moments for bf16 parameters); updates come back in the
-    gradients' dtype. optax's adamw keeps `nu` in the parameters' dtype whatever `mu_dtype` says."""
-    dtype = jnp.dtype(dtype)
-
-    def cast(tree):
-        return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-    def init(params):
-        return inner.init(cast(params))
-
-    def update(updates, state, params=None):
-        new, state = inner.update(cast(updates), state, None if params is None else cast(params))
-        return jax.tree.map(lambda u, g: u.astype(g.dtype), new, updates), state
-
-    return optax.GradientTransformation(init, update)
-
-
-def make_optimizer(name: str = "adamw", state_dtype: str = "float32") -> optax.GradientTransformation:
-    if name != "adamw":
-        raise ValueError(f"unknown optimizer '{name}' (known: adamw)")
-    optimizer = optax.adamw(1e-4, weight_decay=0.0)  # the learning rate does not change the memory
-    return optimizer if state_dtype == "param" else state_in_dtype(optimizer, state_dtype)
-
-
 # ------------------------------------------------------------------------------------------------ hand count
-def config_param_shapes(config: MixtralConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's shape written out from the config fields (stacked layers lead with L)."""
-    v, d, f = config.vocab_size, config.hidden_size, config.intermediate_size
-    l, h, kv, hd = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, \
-        config.resolved_head_dim
-    e = config.num_local_experts
-    shapes = {
-        "embed_tokens": (v, d),
-        "layers.input_layernorm.weight": (l, d),
-        "layers.self_attn.q_proj": (l, d, h, hd),
-        "layers.self_attn.k_proj": (l, d, kv, hd),
-        "layers.self_attn.v_proj": (l, d, kv, hd),
-        "layers.self_attn.o_proj": (l, h, hd, d),
-        "layers.post_attention_layernorm.weight": (l, d),
-        "layers.block_sparse_moe.gate": (l, d, e),
-        "layers.block_sparse_moe.w1": (l, e, d, f),
-        "layers.block_sparse_moe.w3": (l, e, d, f),
-        "layers.block_sparse_moe.w2": (l, e, f, d),
-        "norm.weight": (d,),
-    }
-    if not config.tie_word_embeddings:
-        shapes["lm_head"] = (d, v)
-    return shapes
-
-
 def config_param_count(config: MixtralConfig) -> int:
-    """V*D + D*V (untied) + L*(q, k, v, o + router D*E + experts 3*E*D*F + two norms D) + final norm D."""
-    return sum(math.prod(shape) for shape in config_param_shapes(config).values())
+    """V*D + D*V (untied) + L*(q, k, v, o + router D*E + experts 3*E*D*F + two norms D) + final norm D, from the
+    library's parameter shapes (checkpoints.name_map, checked against the model's in its tests)."""
+    return sum(math.prod(shape) for shape in param_shapes(config).values())
 
 
 def _shards(sharding: NamedSharding) -> int:
@@ -157,50 +121,114 @@ class Plan:
         return dataclasses.asdict(self)
 
 
-def plan(config: MixtralConfig, mesh_spec: str, batch: int, seq: int, *, devices: Sequence[jax.Device] | None = None,
-         optimizer: str = "adamw", state_dtype: str = "float32", preset: str = "", overrides: Sequence[str] = (),
-         progress: Callable[[str], None] | None = None, qlora: LoraConfig | None = None) -> Plan:
-    """Lowers and compiles the train step for `config` on the mesh `mesh_spec` over `devices` (default: as many
-    CPU devices as the spec names) with a [batch, seq] batch, and returns its per-device memory figures."""
-    if batch <= 0 or seq <= 0:
-        raise ValueError(f"--batch and --seq must be positive, got {batch} and {seq}")
+@dataclasses.dataclass(frozen=True)
+class PlanRequest:
+    """What to plan: the model, the mesh spec, the global batch [batch, seq], the trainer's optimizer settings
+    and, for QLoRA, the adapters (None: full fine-tuning). `preset` and `overrides` only label the report."""
+
+    config: MixtralConfig
+    mesh: str
+    batch: int
+    seq: int
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    qlora: LoraConfig | None = None
+    preset: str = ""
+    overrides: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.batch <= 0 or self.seq <= 0:
+            raise ValueError(f"--batch and --seq must be positive, got {self.batch} and {self.seq}")
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+
+    @property
+    def state_dtype(self) -> str:
+        """The dtype the optimizer's moments are kept in ('param' resolved to the parameters' dtype)."""
+        state_dtype = self.optimizer.state_dtype
+        return self.config.param_dtype if state_dtype == "param" else state_dtype
+
+
+class AbstractInputs(NamedTuple):
+    """The train step's arguments as sharded ShapeDtypeStructs: nothing allocated, everything placed."""
+
+    params: Any
+    opt_state: Any
+    batch: dict
+    frozen: Any
+
+
+def plan(request: PlanRequest, *, devices: Sequence[jax.Device] | None = None,
+         progress: Callable[[str], None] | None = None) -> Plan:
+    """Lowers and compiles the train step of `request` on its mesh over `devices` (default: as many CPU devices
+    as the spec names), with the trainer's own optimizer, and returns its per-device memory figures."""
+    config = request.config
+    devices, mesh = _plan_mesh(request, devices)
+    model = _abstract_model(config, request.qlora)
+    trainable = nnx.Param if request.qlora is None else LoRAParam
+    # total_steps only shapes the learning-rate schedule, not the memory.
+    tx = make_optimizer(request.optimizer, total_steps=1)
+    step = make_train_step(model, tx, mesh, (request.batch, request.seq), trainable=trainable)
+    inputs = _abstract_inputs(model, trainable, tx, step, request)
+    state_dtype = request.optimizer.state_dtype
+    hand = (hand_count(config, inputs.params, inputs.batch, mesh, state_dtype) if request.qlora is None
+            else qlora_hand_count(config, request.qlora, inputs.params, inputs.frozen, inputs.batch, state_dtype))
+    if progress:
+        progress(f"compiling the {request.preset or 'model'} train step for {len(devices)} simulated devices "
+                 f"(mesh {_mesh_text(mesh)}, batch {request.batch} x {request.seq}); this can take a minute ...")
+    memory, lower_seconds, compile_seconds = _compile(step, inputs)
+    figures = _figures(inputs, memory)
+    _compare_with_hand_count(hand, figures)
+    return Plan(preset=request.preset, overrides=list(request.overrides), mesh=dict(mesh.shape), devices=len(devices),
+                batch=request.batch, seq=request.seq, optimizer=OPTIMIZER, state_dtype=request.state_dtype,
+                param_dtype=config.param_dtype, remat_policy=config.remat_policy, moe_backend=config.moe_backend,
+                param_count=hand["param_count"], bytes=figures, hand=hand, fits=_fits(figures["total"]),
+                lower_seconds=round(lower_seconds, 3), compile_seconds=round(compile_seconds, 3),
+                host_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def _plan_mesh(request: PlanRequest, devices: Sequence[jax.Device] | None) -> tuple[Sequence[jax.Device], Mesh]:
+    """The devices (simulated CPU ones unless given) and the mesh over them; a batch the batch axes cannot
+    split evenly is refused here, before anything is built."""
     if devices is None:
-        count = mesh_device_count(mesh_spec)
+        count = mesh_device_count(request.mesh)
         devices = ensure_cpu_devices(count)
         if devices is None:
             raise MeshError(f"{count} simulated CPU devices are needed but jax started with "
                             f"{len(jax.devices('cpu'))}; set XLA_FLAGS={_DEVICE_COUNT_FLAG}={count}")
-    mesh = make_mesh(mesh_spec, devices=devices, config=config)
+    mesh = make_mesh(request.mesh, devices=devices, config=request.config)
     batch_shards = math.prod(mesh.shape[a] for a in default_rules()["batch"])
-    if batch % batch_shards:
-        raise MeshError(f"--batch {batch} is not divisible by data x fsdp x expert = {batch_shards}, "
+    if request.batch % batch_shards:
+        raise MeshError(f"--batch {request.batch} is not divisible by data x fsdp x expert = {batch_shards}, "
                         f"the axes the batch is split over")
+    return devices, mesh
 
+
+def _abstract_model(config: MixtralConfig, qlora: LoraConfig | None) -> Mixtral:
+    """The model's shapes only, nothing allocated; with `qlora`, adapters over the layers' linear weights frozen
+    in NF4."""
     if qlora is None:
-        model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))  # shapes only, nothing allocated
-    else:  # adapters train, the decoder layers' linear weights stay frozen in NF4
-        model = nnx.eval_shape(lambda: quantize_base(Mixtral(config, rngs=nnx.Rngs(0), lora=qlora)))
-    trainable = nnx.Param if qlora is None else LoRAParam
-    tx = make_optimizer(optimizer, state_dtype)
-    step = make_train_step(model, tx, mesh, (batch, seq), trainable=trainable)
+        return nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: quantize_base(Mixtral(config, rngs=nnx.Rngs(0), lora=qlora)))
+
+
+def _abstract_inputs(model, trainable, tx: optax.GradientTransformation, step: TrainStep,
+                     request: PlanRequest) -> AbstractInputs:
     _, abstract_params, abstract_frozen = nnx.split(model, trainable, ...)
 
     def sharded(leaf, sharding):
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
-    params = jax.tree.map(sharded, abstract_params, step.param_shardings)
-    opt_state = jax.tree.map(sharded, jax.eval_shape(tx.init, abstract_params), step.opt_shardings)
-    batch_in = {key: jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=step.batch_shardings[key])
-                for key in BATCH_KEYS}
+    return AbstractInputs(
+        params=jax.tree.map(sharded, abstract_params, step.param_shardings),
+        opt_state=jax.tree.map(sharded, jax.eval_shape(tx.init, abstract_params), step.opt_shardings),
+        batch={key: jax.ShapeDtypeStruct((request.batch, request.seq), jnp.int32, sharding=step.batch_shardings[key])
+               for key in BATCH_KEYS},
+        frozen=jax.tree.map(sharded, abstract_frozen, step.frozen_shardings))
 
-    frozen = jax.tree.map(sharded, abstract_frozen, step.frozen_shardings)
-    hand = (hand_count(config, params, batch_in, mesh, state_dtype) if qlora is None
-            else qlora_hand_count(config, qlora, params, frozen, batch_in, state_dtype))
-    if progress:
-        progress(f"compiling the {preset or 'model'} train step for {len(devices)} simulated devices "
-                 f"(mesh {_mesh_text(mesh)}, batch {batch} x {seq}); this can take a minute ...")
+
+def _compile(step: TrainStep, inputs: AbstractInputs):
+    """(XLA's memory analysis of the compiled step, seconds to lower, seconds to compile)."""
     start = time.perf_counter()
-    lowered = step.step.lower(params, opt_state, batch_in, frozen, None)
+    lowered = step.step.lower(inputs.params, inputs.opt_state, inputs.batch, inputs.frozen, None)
     lower_seconds = time.perf_counter() - start
     start = time.perf_counter()
     compiled = lowered.compile()
@@ -208,12 +236,16 @@ def plan(config: MixtralConfig, mesh_spec: str, batch: int, seq: int, *, devices
     memory = compiled.memory_analysis()
     if memory is None:
         raise RuntimeError(f"the {jax.default_backend()} compiler gives no memory analysis")
+    return memory, lower_seconds, compile_seconds
 
+
+def _figures(inputs: AbstractInputs, memory) -> dict[str, int]:
+    """Per-device bytes, from the abstract shapes and from the compiled memory analysis."""
     figures = {
-        "params": _per_device(params),
-        "frozen": _per_device(frozen),
-        "optimizer": _per_device(opt_state),
-        "batch": _per_device(batch_in),
+        "params": _per_device(inputs.params),
+        "frozen": _per_device(inputs.frozen),
+        "optimizer": _per_device(inputs.opt_state),
+        "batch": _per_device(inputs.batch),
         "arguments": int(memory.argument_size_in_bytes),
         "outputs": int(memory.output_size_in_bytes),
         "aliased": int(memory.alias_size_in_bytes),
@@ -225,18 +257,20 @@ def plan(config: MixtralConfig, mesh_spec: str, batch: int, seq: int, *, devices
     figures["outputs_not_aliased"] = figures["outputs"] - figures["aliased"]
     figures["total"] = (figures["arguments"] + figures["temporaries"] + figures["outputs_not_aliased"]
                         + figures["generated_code"])
+    return figures
+
+
+def _compare_with_hand_count(hand: dict[str, Any], figures: dict[str, int]) -> None:
+    """Records in `hand` how far the compiled arguments are from it, and whether that is within tolerance."""
     hand["compiled_arguments"] = figures["arguments"]
     hand["relative_difference"] = abs(figures["arguments"] - hand["arguments"]) / max(hand["arguments"], 1)
     hand["matches"] = (hand["relative_difference"] <= HAND_COUNT_TOLERANCE
                        and hand["params"] == figures["params"])
-    fits = {name: {"hbm_gib": hbm, "fits": figures["total"] <= hbm * GiB,
-                   "headroom_gib": round(hbm - figures["total"] / GiB, 2)} for name, hbm in CHIPS}
-    return Plan(preset=preset, overrides=list(overrides), mesh=dict(mesh.shape), devices=len(devices), batch=batch,
-                seq=seq, optimizer=optimizer, state_dtype=config.param_dtype if state_dtype == "param" else state_dtype,
-                param_dtype=config.param_dtype, remat_policy=config.remat_policy, moe_backend=config.moe_backend,
-                param_count=hand["param_count"], bytes=figures, hand=hand, fits=fits,
-                lower_seconds=round(lower_seconds, 3), compile_seconds=round(compile_seconds, 3),
-                host_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def _fits(total_bytes: int) -> dict[str, dict]:
+    return {name: {"hbm_gib": hbm, "fits": total_bytes <= hbm * GiB,
+                   "headroom_gib": round(hbm - total_bytes / GiB, 2)} for name, hbm in CHIPS}
 
 
 def qlora_hand_count(config: MixtralConfig, lora: LoraConfig, params, frozen, batch_in: Mapping,
@@ -258,17 +292,18 @@ def qlora_hand_count(config: MixtralConfig, lora: LoraConfig, params, frozen, ba
     if sum(math.prod(leaf.shape) for leaf in leaves) != adapter_count:
         raise AssertionError("the model's adapters differ from the LoRA formula")
     adapter_elements = sum(math.prod(leaf.shape) // _shards(leaf.sharding) for leaf in leaves)
-    shapes = config_param_shapes(config)
-    quantised = {n: s for n, s in shapes.items() if n.split(".")[-1] in QUANTIZED}
+    shapes = param_shapes(config)
+    quantised = {n: s for n, s in shapes.items() if n.split(".")[-1] in LINEAR_WEIGHTS}
     nf4_bytes = sum(math.prod(s) // 2 + math.prod(s) // BLOCK * 4 for s in quantised.values())
     other_bytes = sum(math.prod(s) for n, s in shapes.items() if n not in quantised) * param_bytes
     frozen_per_device = _per_device(frozen)  # its split follows the weights' rules, checked in the tests
     batch_shards = _shards(next(iter(batch_in.values())).sharding)
     batch_per_device = len(batch_in) * math.prod(next(iter(batch_in.values())).shape) * 4 // batch_shards
     return {"param_count": config_param_count(config), "adapter_count": adapter_count,
-            "params": adapter_elements * adapter_bytes, "optimizer": 2 * adapter_elements * state_bytes + 4,
+            "params": adapter_elements * adapter_bytes,
+            "optimizer": 2 * adapter_elements * state_bytes + STEP_COUNT_BYTES,
             "frozen_total": nf4_bytes + other_bytes, "frozen": frozen_per_device, "batch": batch_per_device,
-            "arguments": adapter_elements * adapter_bytes + 2 * adapter_elements * state_bytes + 4
+            "arguments": adapter_elements * adapter_bytes + 2 * adapter_elements * state_bytes + STEP_COUNT_BYTES
             + frozen_per_device + batch_per_device,
             "gradients": adapter_elements * adapter_bytes}
 
@@ -276,8 +311,8 @@ def qlora_hand_count(config: MixtralConfig, lora: LoraConfig, params, frozen, ba
 def hand_count(config: MixtralConfig, params, batch_in: Mapping, mesh: Mesh, state_dtype: str) -> dict[str, Any]:
     """Per-device bytes counted by hand: each parameter's size from the config formula, times its dtype's bytes,
     over the number of shards its partition spec cuts it into; AdamW's mu and nu alike in `state_dtype`,
-    plus the step count; the batch's three int32 [B, S] arrays over the batch axes."""
-    shapes = config_param_shapes(config)
+    plus the step counts; the batch's three int32 [B, S] arrays over the batch axes."""
+    shapes = param_shapes(config)
     flat = {".".join(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(params)}
     flat = {name: (leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf) for name, leaf in flat.items()}
     if set(flat) != set(shapes) or any(tuple(flat[n].shape) != shapes[n] for n in shapes):
@@ -289,7 +324,7 @@ def hand_count(config: MixtralConfig, params, batch_in: Mapping, mesh: Mesh, sta
     # The shipped rules only split a dimension over mesh axes that divide it, so these divisions are exact.
     per_device_elements = sum(math.prod(shape) // _shards(flat[name].sharding) for name, shape in shapes.items())
     params_per_device = per_device_elements * param_bytes
-    optimizer_per_device = 2 * per_device_elements * state_bytes + 4  # mu, nu; the int32 step count
+    optimizer_per_device = 2 * per_device_elements * state_bytes + STEP_COUNT_BYTES  # mu, nu; step counts
     batch_shards = _shards(next(iter(batch_in.values())).sharding)
     batch_per_device = len(batch_in) * math.prod(next(iter(batch_in.values())).shape) * 4 // batch_shards
     return {"param_count": config_param_count(config), "params": params_per_device,
@@ -343,5 +378,5 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CHIPS", "Plan", "config_param_count", "config_param_shapes", "ensure_cpu_devices", "format_plan",
-           "hand_count", "make_optimizer", "plan", "state_in_dtype", "with_device_count"]
+__all__ = ["CHIPS", "Plan", "PlanRequest", "config_param_count", "ensure_cpu_devices", "format_plan",
+           "hand_count", "plan", "qlora_hand_count", "with_device_count"]

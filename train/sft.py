@@ -15,8 +15,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from mixtral_jax.tokenizer import instruct_prompt
-from mixtral_jax.texts import DataError, json_records
+from mixtral_jax.data.texts import DataError, json_records
+from mixtral_jax.data.tokenizer import instruct_prompt
 
 IGNORE = -100
 Example = tuple[list[int], list[int]]  # (input_ids, labels)
@@ -25,9 +25,9 @@ Example = tuple[list[int], list[int]]  # (input_ids, labels)
 def read_alpaca(path: str) -> list[dict[str, str]]:
     """Records of an Alpaca JSON list or JSON lines file, local or gs:// (`instruction`, optional `input`,
     `output`), or
-    of `bundled:NAME` (mixtral_jax/corpora.py); a missing input becomes ""."""
+    of `bundled:NAME` (mixtral_jax/data/corpora.py); a missing input becomes ""."""
     if path.startswith("bundled:"):
-        from mixtral_jax import corpora
+        from mixtral_jax.data import corpora
 
         return corpora.bundled_instructions(path.removeprefix("bundled:"))
     records = []

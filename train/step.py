@@ -18,9 +18,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mixtral_jax.loss import fused_next_token_nll
-from mixtral_jax.moe import expert_assignments
-from mixtral_jax.sharding import named_sharding, param_shardings, use_mesh
+from mixtral_jax.model.loss import fused_next_token_nll
+from mixtral_jax.model.moe import expert_assignments
+from mixtral_jax.parallel.sharding import named_sharding, param_shardings, use_mesh
 
 BATCH_AXES = ("batch", "length")
 BATCH_KEYS = ("input_ids", "labels", "attention_mask")
@@ -38,16 +38,20 @@ class TrainStep(NamedTuple):
     batch_shardings: dict
 
 
-def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    batch_shape: tuple[int, int], rules=None, trainable=nnx.Param,
-                    micro_batches: int = 1, aux_loss_coef: float | None = None) -> TrainStep:
-    """The step for `model`'s structure on `mesh`. A batch is a dict of `input_ids`, `labels` and
-    `attention_mask`, each [batch, length], split over the data, fsdp and expert axes; `trainable` is an nnx
-    filter. The loss is the next-token NLL averaged over every label of the global batch plus
-    `aux_loss_coef` (default: the config's) x the router's aux loss averaged over the micro-batches."""
-    if batch_shape[0] % micro_batches:
-        raise ValueError(f"batch of {batch_shape[0]} rows is not divisible into {micro_batches} micro-batches")
-    graphdef, params, frozen = nnx.split(model, trainable, ...)
+class StepShardings(NamedTuple):
+    """Where each input of the step lives: trainable and frozen weights by their rules, the optimizer state
+    like the parameters it follows (its counts replicated), the batch over the batch axes."""
+
+    params: nnx.State
+    frozen: nnx.State
+    opt: object
+    batch: dict
+    replicated: NamedSharding
+
+
+def step_shardings(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
+                   batch_shape: tuple[int, int], rules, trainable) -> StepShardings:
+    _, params, _ = nnx.split(model, trainable, ...)
     shardings = param_shardings(model, mesh, rules)
     p_shardings, f_shardings = nnx.state(shardings, trainable), nnx.state(shardings, nnx.Not(trainable))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -55,11 +59,18 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
     o_shardings = optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract_opt, p_shardings,
                                         transform_non_params=lambda _: replicated)
     b_shardings = {key: named_sharding(BATCH_AXES, batch_shape, mesh, rules) for key in BATCH_KEYS}
-    coef = model.config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
-    micro_rows = batch_shape[0] // micro_batches
+    return StepShardings(p_shardings, f_shardings, o_shardings, b_shardings, replicated)
 
+
+def make_loss_and_grads(model: nnx.Module, mesh: Mesh, rules, trainable, micro_batches: int,
+                        aux_loss_coef: float) -> Callable:
+    """(params, batch, frozen, dropout_key, with_grads=True) -> (summed grads or None, metrics): the batch
+    runs as `micro_batches` sequential slices (a scan) whose gradients add up, each slice's loss already
+    divided by the global batch's label count, so the sum is the full batch's mean."""
+    graphdef, params, _ = nnx.split(model, trainable, ...)
+    config = model.config
     # The LM head's own gradient product runs only when the head (or the embedding it is tied to) trains.
-    head_trainable = ("embed_tokens" if model.config.tie_word_embeddings else "lm_head") in params
+    head_trainable = ("embed_tokens" if config.tie_word_embeddings else "lm_head") in params
 
     def micro_loss(params, frozen, micro, total_tokens, dropout_key):
         with use_mesh(mesh, rules):
@@ -67,19 +78,21 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
             out = merged(micro["input_ids"], micro["attention_mask"], dropout_key=dropout_key, return_hidden=True)
             nll_sum, tokens = fused_next_token_nll(out.hidden_states, merged.output_head(), micro["labels"],
                                                    head_grad=head_trainable)
-        loss = nll_sum / total_tokens + coef * out.aux_loss / micro_batches
+        loss = nll_sum / total_tokens + aux_loss_coef * out.aux_loss / micro_batches
         return loss, {"nll_sum": nll_sum, "tokens": tokens, "aux_loss": out.aux_loss / micro_batches,
                       "dropped_tokens": out.dropped_tokens,
-                      "expert_tokens": expert_assignments(out.router_logits, model.config.num_experts_per_tok,
+                      "expert_tokens": expert_assignments(out.router_logits, config.num_experts_per_tok,
                                                           micro["attention_mask"] > 0)}
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def loss_and_grads(params, batch, frozen, dropout_key, with_grads=True):
         """dropout_key (a jax.random key) turns LoRA dropout on; each micro-batch folds in its index."""
         total_tokens = jnp.maximum(jnp.sum(batch["labels"][:, 1:] != -100), 1)
+        micro_rows = batch["labels"].shape[0] // micro_batches
         micros = jax.tree.map(lambda a: a.reshape(micro_batches, micro_rows, *a.shape[1:]), batch)
         keys = None if dropout_key is None else jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(
             jnp.arange(micro_batches))
-        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
         def one_micro(grads, inputs):
             micro, key = inputs
@@ -94,10 +107,27 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
         grads, metrics = jax.lax.scan(one_micro, zeros, (micros, keys))
         lm_loss = jnp.sum(metrics["nll_sum"]) / total_tokens
         aux = jnp.sum(metrics["aux_loss"])
-        summary = {"loss": lm_loss + coef * aux, "lm_loss": lm_loss, "aux_loss": aux,
+        summary = {"loss": lm_loss + aux_loss_coef * aux, "lm_loss": lm_loss, "aux_loss": aux,
                    "tokens": jnp.sum(metrics["tokens"]), "dropped_tokens": jnp.sum(metrics["dropped_tokens"]),
                    "expert_tokens": jnp.sum(metrics["expert_tokens"], axis=0)}
         return grads, summary
+
+    return loss_and_grads
+
+
+def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    batch_shape: tuple[int, int], rules=None, trainable=nnx.Param,
+                    micro_batches: int = 1, aux_loss_coef: float | None = None) -> TrainStep:
+    """The step for `model`'s structure on `mesh`. A batch is a dict of `input_ids`, `labels` and
+    `attention_mask`, each [batch, length], split over the data, fsdp and expert axes; `trainable` is an nnx
+    filter. The loss is the next-token NLL averaged over every label of the global batch plus
+    `aux_loss_coef` (default: the config's) x the router's aux loss averaged over the micro-batches."""
+    if batch_shape[0] % micro_batches:
+        raise ValueError(f"batch of {batch_shape[0]} rows is not divisible into {micro_batches} micro-batches")
+    coef = model.config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
+    loss_and_grads = make_loss_and_grads(model, mesh, rules, trainable, micro_batches, coef)
+    p_shardings, f_shardings, o_shardings, b_shardings, replicated = step_shardings(
+        model, optimizer, mesh, batch_shape, rules, trainable)
 
     def train_step(params, opt_state, batch, frozen, dropout_key):
         grads, metrics = loss_and_grads(params, batch, frozen, dropout_key)

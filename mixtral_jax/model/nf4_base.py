@@ -1,0 +1,55 @@
+"""A frozen base stored truly in 4 bits (QLoRA): the model's linear weights replaced by NF4 weights
+(quantization/nf4_weight.py), dequantised where the model reads them, one layer at a time inside the
+jitted step under the layer scan."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mixtral_jax.model.lora import LoRAParam
+from mixtral_jax.model.targets import LINEAR_WEIGHTS
+from mixtral_jax.quantization.nf4_weight import (
+    NF4Weight,
+    dequantize_weight,
+    quantize_weight,
+)
+
+
+def read(variable: nnx.Variable, dtype) -> jax.Array:
+    """A parameter's value in `dtype`, dequantised if it is stored in NF4."""
+    value = variable.get_value()
+    if isinstance(value, NF4Weight):
+        return dequantize_weight(value, dtype)
+    return value.astype(dtype)
+
+
+def quantize_base(model: nnx.Module, targets: tuple[str, ...] = LINEAR_WEIGHTS) -> nnx.Module:
+    """Replaces the named frozen linear weights of the decoder layers by NF4 (in place; returns the model)."""
+    for path, variable in nnx.iter_graph(model.layers):
+        if isinstance(variable, nnx.Param) and not isinstance(variable, LoRAParam) and str(path[-1]) in targets:
+            value = variable.get_value()
+            if isinstance(value, NF4Weight):
+                continue
+            axes = variable.get_metadata()["logical_axes"]
+            variable.set_value(quantize_weight(value, axes, leading=1))
+    return model
+
+
+def base_nbytes(model: nnx.Module) -> tuple[int, int]:
+    """(bytes, parameters) of the frozen base as stored (NF4 weights at their packed size)."""
+    total, count = 0, 0
+    for _, variable in nnx.iter_graph(model):
+        if isinstance(variable, nnx.Param) and not isinstance(variable, LoRAParam):
+            value = variable.get_value()
+            if isinstance(value, NF4Weight):
+                total += value.nbytes
+                count += int(np.prod(value.leading)) * int(np.prod(value.shape))
+            else:
+                total += value.size * value.dtype.itemsize
+                count += value.size
+    return total, count
+
+
+__all__ = ["base_nbytes", "quantize_base", "read"]
