@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
+from mixtral_jax.cli.main import HelpFormatter, dtype_option
+from mixtral_jax.config import list_presets
 
 
 def _dtype_argument(parser) -> None:
-    parser.add_argument("--dtype", default="keep", choices=["keep", "bfloat16", "float32"],
-                        help="dtype of the written weights (keep: the source's)")
+    parser.add_argument("--dtype", default="keep", type=dtype_option("keep"),
+                        help="dtype of the written weights: keep (the source's), float32, bfloat16 or float16 "
+                             "(also bf16, fp32, fp16)")
 
 
 def _output_arguments(parser) -> None:
@@ -24,15 +26,23 @@ def register(commands) -> None:
 
 
 def _add_init(sub) -> None:
+    presets = list_presets()
     init = sub.add_parser("init", help="write a randomly initialised model as an HF directory",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    init.add_argument("out", help="output HF directory")
-    init.add_argument("--preset", default="tiny")
-    init.add_argument("--seed", type=int, default=0)
-    init.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    init.add_argument("--overwrite", action="store_true")
-    init.add_argument("overrides", nargs="*", help="config overrides key=value")
-    init.set_defaults(run=run_init)
+                          formatter_class=HelpFormatter,
+                          description="Initialises a preset's model in float32 from --seed (weights normal(0.02), "
+                                      "norms one) and writes it in --dtype. Config overrides (key=value, values "
+                                      "as YAML) may come before or after the options.")
+    init.add_argument("out", metavar="OUT", help="output HF directory")
+    init.add_argument("--preset", default="tiny", choices=presets, metavar="NAME",
+                      help=f"model configuration (mixtral_jax/presets/NAME.yaml): {', '.join(presets)}")
+    init.add_argument("--seed", type=int, default=0, help="random seed of the initial weights")
+    init.add_argument("--dtype", default="float32", type=dtype_option(),
+                      help="dtype of the written weights: float32, bfloat16 or float16 (also bf16, fp32, fp16)")
+    init.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    init.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="config field overrides, e.g. vocab_size=32768 num_hidden_layers=4 (default: none, "
+                           "the preset as it is)")
+    init.set_defaults(run=run_init, trailing_positional="overrides")
 
 
 def _add_export_peft(sub) -> None:
@@ -54,15 +64,17 @@ def _add_import_peft(sub) -> None:
 
 def _add_hf_to_orbax(sub) -> None:
     to_orbax = sub.add_parser(
-        "hf-to-orbax", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "hf-to-orbax", formatter_class=HelpFormatter,
         help="stream an HF safetensors directory (legacy or fused layout) into an Orbax model checkpoint",
         description="Reads the HF checkpoint tensor by tensor (peak host memory: a few of its largest per-layer "
                     "tensors) and writes an Orbax model checkpoint that from_pretrained restores onto any mesh.")
     to_orbax.add_argument("hf_dir", metavar="HF_DIR")
     to_orbax.add_argument("out", metavar="OUT")
     _dtype_argument(to_orbax)
-    to_orbax.add_argument("--quantize", default="none", choices=["none", "nf4"],
-                          help="nf4: store the decoder's linear weights as packed NF4 (the QLoRA base)")
+    to_orbax.add_argument("--quantize", default="none", choices=["none", "nf4", "nf4-plain"],
+                          help="nf4: store the decoder's linear weights as packed NF4 (the QLoRA base) with "
+                               "bitsandbytes' double quantisation of the scales (~4.127 bits per parameter); "
+                               "nf4-plain: with fp32 scales (4.5 bits)")
     to_orbax.add_argument("--mesh", default=None, metavar="SPEC",
                           help="store each array in chunks of one device's shard on this mesh (e.g. "
                                "fsdp=8,expert=4, every size given), as Orbax saves arrays sharded there: "
@@ -73,7 +85,7 @@ def _add_hf_to_orbax(sub) -> None:
 
 def _add_orbax_to_hf(sub) -> None:
     to_hf = sub.add_parser(
-        "orbax-to-hf", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "orbax-to-hf", formatter_class=HelpFormatter,
         help="write an Orbax model checkpoint or a training run as an HF directory (legacy per-expert layout)",
         description="SRC is an Orbax model checkpoint (streamed layer by layer) or a training run directory. "
                     "A LoRA run needs --merge: its adapters are folded into the base (W + B A * alpha / r in "
@@ -95,7 +107,7 @@ def _add_orbax_to_hf(sub) -> None:
 
 def _add_verify(sub) -> None:
     check = sub.add_parser(
-        "verify", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "verify", formatter_class=HelpFormatter,
         help="compare two checkpoints (HF dirs, Orbax model dirs, training runs) tensor by tensor",
         description="Prints the largest absolute difference of the 10 most different tensors (HF names) and "
                     "overall; exit status 0 when within --atol (identical by default), 1 otherwise.")

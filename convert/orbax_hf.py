@@ -5,6 +5,7 @@ tensor-by-tensor comparison of any two checkpoints."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 
@@ -17,24 +18,34 @@ from mixtral_jax.checkpoints.name_map import (
 from mixtral_jax.checkpoints.open_source import open_source
 from mixtral_jax.checkpoints.orbax_to_hf import orbax_to_hf as write_hf
 from mixtral_jax.checkpoints.sources import HFSource
+from mixtral_jax.config import canonical_dtype
 from mixtral_jax.errors import CheckpointError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def hf_to_orbax(hf_dir: str, out: str, dtype: str = "keep", quantize: str = "none", mesh: str | None = None,
+def _dtype(dtype: Any, function: str) -> str | None:
+    """None for "keep" (or None): the source's dtype; else the canonical name of any spelling ("bf16",
+    jnp.bfloat16, ...)."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "keep"):
+        return None
+    return canonical_dtype(dtype, f"{function}: argument 'dtype'")
+
+
+def hf_to_orbax(hf_dir: str, out: str, dtype: Any = "keep", quantize: str = "none", mesh: str | None = None,
                 overwrite: bool = False, show_progress: bool = True) -> dict:
     """`convert hf-to-orbax`'s arguments as the command line gives them (dtype "keep")."""
-    return convert_hf(hf_dir, out, dtype=None if dtype == "keep" else dtype, quantize=quantize, mesh=mesh,
+    return convert_hf(hf_dir, out, dtype=_dtype(dtype, "hf_to_orbax"), quantize=quantize, mesh=mesh,
                       overwrite=overwrite, show_progress=show_progress)
 
 
-def orbax_to_hf(src: str, out: str, dtype: str = "keep", max_shard_size: str | int | None = "5GB", **options) -> None:
+def orbax_to_hf(src: str, out: str, dtype: Any = "keep", max_shard_size: str | int | None = "5GB", **options) -> None:
     """`convert orbax-to-hf`'s arguments as the command line gives them (dtype "keep", sizes as text)."""
+    dtype = _dtype(dtype, "orbax_to_hf")
     max_bytes = None if max_shard_size in (None, "", 0) else (
         max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size))
-    write_hf(src, out, dtype=None if dtype == "keep" else dtype, max_shard_bytes=max_bytes, **options)
+    write_hf(src, out, dtype=dtype, max_shard_bytes=max_bytes, **options)
 
 
 def parse_size(text: str) -> int:

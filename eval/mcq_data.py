@@ -73,8 +73,8 @@ MMLU_FIELDS = 6
 # --- the official CSVs --------------------------------------------------------------------------------------
 
 def _check_csv(layout: Layout, path: str, need_answer: bool) -> None:
-    """Every record has the header's number of fields (MMLU: 6), the layout's columns, and (where answers
-    are required) an answer in A-D."""
+    """At least one record, every one with the header's number of fields (MMLU: 6), the layout's columns, and
+    (where answers are required) an answer in A-D."""
     if not os.path.isfile(path):
         raise MCQDataError(f"{path}: no such file")
     with open(path, newline="", encoding="utf-8") as f:
@@ -94,13 +94,17 @@ def _check_csv(layout: Layout, path: str, need_answer: bool) -> None:
                 fields, expected = len(header), ",".join(header)
                 answer_at = header.index(layout.answer) if layout.answer in header else None
                 start = reader.line_num + 1
-            for record in reader:
+            records = 0
+            for records, record in enumerate(reader, 1):
                 if len(record) != fields:
                     raise MCQDataError(f"{path}: line {start}: {len(record)} fields, expected {fields} ({expected})")
                 if need_answer and record[answer_at].strip() not in LETTERS:
                     raise MCQDataError(f"{path}: line {start}: field 'answer' is {record[answer_at]!r}, "
                                        f"expected one of A, B, C, D")
                 start = reader.line_num + 1
+            if not records:
+                what = "an empty file" if layout.header is None else "a header and no rows"
+                raise MCQDataError(f"{path}: no questions ({what})")
         except csv.Error as err:
             raise MCQDataError(f"{path}: line {reader.line_num}: {err}") from None
         except UnicodeDecodeError as err:
@@ -195,6 +199,8 @@ def read_hf_split(layout: Layout, name: str, revision: str | None, subject: str,
     where = f"{name}/{subject}/{split}"
     questions = [_hf_question(layout, where, subject, row, record)
                  for row, record in enumerate(_hf_split(_hf_subject(name, revision, subject), where, split))]
+    if not questions:
+        raise MCQDataError(f"{where}: no questions")
     for q in questions:
         if need_answer and q.answer is None:
             raise MCQDataError(f"{where}: row {q.row}: field 'answer' is not one of A, B, C, D")

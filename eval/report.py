@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from mixtral_jax.io.output_dir import replace_atomically, write_json, write_text
+from mixtral_jax.io.output_dir import replace_atomically, write_json
+from mixtral_jax.io.paths import write_text
 
-__all__ = ["publish", "replace_atomically", "write_json", "write_text"]
+__all__ = ["publish", "replace_atomically", "write_json"]
 
 
 def publish(result: dict, table: str, out: str | None = None, table_path: str | None = None,
@@ -15,7 +16,7 @@ def publish(result: dict, table: str, out: str | None = None, table_path: str | 
     if out:
         write_json(out, result)
     if table_path:
-        write_text(table_path, table)
+        write_text(table_path, table if table.endswith("\n") else table + "\n")
     if plot_path and plot is not None:
         plot(result, plot_path)
     print(table)

@@ -21,6 +21,9 @@ GROUPED_MATMULS = ("auto", "ragged_dot", "mosaic_gpu", "blocked")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+# Other spellings of DTYPES (lower case): the short forms and torch's names ("float" and "half" as torch means them).
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "f32": "float32", "float": "float32", "fp16": "float16",
+                 "f16": "float16", "half": "float16"}
 
 # Keys of an HF config.json that do not change the forward computation (or only its training-time noise,
 # which we do not model). Anything outside these and our own fields is refused, so a typo cannot pass.
@@ -80,6 +83,11 @@ class MixtralConfig:
     attention_implementation: str = "auto"  # "cudnn" (NVIDIA GPUs, bf16/fp16), "xla"; "auto" picks (kernels/select.py)
 
     def __post_init__(self):
+        for name in ("dtype", "param_dtype"):  # jnp.bfloat16, np.float32, "bf16", ...: the canonical name
+            try:
+                object.__setattr__(self, name, canonical_dtype(getattr(self, name)))
+            except ConfigError:
+                pass  # validate() reports it, naming the field and the source
         self.validate()
         if self.head_dim is None:  # resolved once, so a config equals itself after an HF round trip
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
@@ -252,6 +260,32 @@ class MixtralConfig:
         return self.replace(**parse_overrides(assignments))
 
 
+def canonical_dtype(value: Any, what: str = "dtype") -> str:
+    """"float32", "bfloat16" or "float16" for any spelling of one: a name in DTYPES, a short form ("bf16",
+    "fp32", "f32", "fp16", "half", "float"; any case, "torch." prefix allowed), or a dtype object or scalar type
+    (jnp.bfloat16, np.float32, np.dtype("float16"), ml_dtypes.bfloat16, torch.bfloat16). `what` names the
+    argument in the ConfigError for anything else ("from_pretrained: argument 'dtype'")."""
+    name = value.strip().lower().removeprefix("torch.") if isinstance(value, str) else _dtype_name(value)
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ConfigError(f"{what}: expected one of {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)}, or a "
+                          f"dtype such as jnp.bfloat16), got {value!r}")
+    return name
+
+
+def _dtype_name(value: Any) -> str | None:
+    """numpy's name of a dtype object or scalar type (jnp's and ml_dtypes' included), or torch's; else None."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return None
+    import numpy as np
+
+    try:
+        return np.dtype(value).name
+    except (TypeError, ValueError):
+        text = str(value)  # torch.bfloat16 -> "bfloat16"
+        return text[len("torch."):] if text.startswith("torch.") else None
+
+
 def read_json_object(path: str, error: type[ValueError] = ConfigError) -> dict:
     """A JSON file (local or gs://) holding one object, or `error` naming the file."""
     from mixtral_jax.io import paths
@@ -289,6 +323,12 @@ def parse_overrides(assignments: list[str]) -> dict[str, Any]:
     return values
 
 
+# presets/ also holds the logical-axis rules (parallel/sharding.py), which are no model.
+NOT_MODEL_PRESETS = ("sharding_rules",)
+
+
 def list_presets() -> list[str]:
+    """The model presets shipped in presets/ (tiny, mixtral-8x7b, the bench shapes)."""
     folder = resources.files("mixtral_jax") / "presets"
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    names = (p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(name for name in names if name not in NOT_MODEL_PRESETS)

@@ -22,7 +22,8 @@ def register(commands) -> None:
 
 
 def run(args) -> int:
-    from mixtral_jax.io.output_dir import write_json, write_text
+    from mixtral_jax.io.output_dir import write_json
+    from mixtral_jax.io.paths import write_text
     from mixtral_jax.settings import config_and_overrides, keys_text
     from pipeline.config import PipelineConfig, load_config
     from pipeline.report import build_report, markdown
@@ -37,6 +38,6 @@ def run(args) -> int:
     report = build_report(paths, log)
     table = markdown(report)
     write_json(os.path.join(paths.work, "report.json"), report)
-    write_text(os.path.join(paths.work, "report.md"), table)
+    write_text(os.path.join(paths.work, "report.md"), table if table.endswith("\n") else table + "\n")
     print(table)
     return 0

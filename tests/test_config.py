@@ -291,3 +291,46 @@ def test_overrides_accept_exponent_floats():
 def test_tie_word_embeddings_must_be_bool():
     with pytest.raises(ConfigError, match="tie_word_embeddings"):
         MixtralConfig.from_hf(HUB_STYLE | {"tie_word_embeddings": "yes"})
+
+
+# ------------------------------------------------------------------------------------------------ dtypes
+def _dtype_spellings():
+    import jax.numpy as jnp
+    import ml_dtypes
+    import numpy as np
+
+    return [("bfloat16", "bfloat16"), ("bf16", "bfloat16"), ("BF16", "bfloat16"), ("torch.bfloat16", "bfloat16"),
+            ("float32", "float32"), ("fp32", "float32"), ("f32", "float32"), ("float", "float32"),
+            ("float16", "float16"), ("fp16", "float16"), ("half", "float16"),
+            (jnp.bfloat16, "bfloat16"), (jnp.float32, "float32"), (jnp.dtype("float16"), "float16"),
+            (np.float32, "float32"), (np.dtype(np.float16), "float16"), (ml_dtypes.bfloat16, "bfloat16"),
+            (np.dtype(ml_dtypes.bfloat16), "bfloat16")]
+
+
+def test_canonical_dtype_takes_names_short_forms_and_dtype_objects():
+    from mixtral_jax.config import canonical_dtype
+
+    for value, expected in _dtype_spellings():
+        assert canonical_dtype(value) == expected, value
+
+
+@pytest.mark.parametrize("value", ["float64", "int8", "bfloat", "", None, 3, float])
+def test_canonical_dtype_refuses_others_naming_the_argument(value):
+    from mixtral_jax.config import canonical_dtype
+
+    with pytest.raises(ConfigError, match=r"^from_pretrained: argument 'dtype': expected one of float32, "
+                                          r"bfloat16, float16 \(or bf16, .*got "):
+        canonical_dtype(value, "from_pretrained: argument 'dtype'")
+
+
+def test_config_dtype_fields_take_any_spelling_and_keep_the_canonical_name():
+    import jax.numpy as jnp
+    import numpy as np
+
+    config = MixtralConfig.from_hf(HUB_STYLE, dtype=jnp.bfloat16, param_dtype=np.float32)
+    assert (config.dtype, config.param_dtype) == ("bfloat16", "float32")
+    assert config == MixtralConfig.from_hf(HUB_STYLE, dtype="bf16", param_dtype="fp32")
+    assert MixtralConfig(dtype="half").dtype == "float16"
+    assert config.replace(param_dtype=jnp.float16).to_hf()["torch_dtype"] == "float16"
+    with pytest.raises(ConfigError, match=r"field 'param_dtype' must be one of float32, bfloat16, float16"):
+        MixtralConfig(param_dtype="float64")

@@ -23,8 +23,10 @@ def register_train(commands) -> None:
     p = commands.add_parser(
         "train", help="run or resume a training run (pre-training or SFT, LoRA/QLoRA or full)",
         description="Trains as CONFIG says (a YAML file or a preset of train/configs: pretrain, sft, "
-                    "pretrain_tiny, sft_tiny). A run_dir that holds a checkpoint resumes from it. "
-                    "`--keys` lists every key with its default and meaning.")
+                    "pretrain_tiny, sft_tiny). A run_dir that holds a checkpoint resumes from it (from the "
+                    "newest that restores; changes that break an exact resume need resume.allow_changes=[KEY,...] "
+                    "and are recorded in RUN_DIR/changes.jsonl); one trainer at a time holds a run_dir "
+                    "(RUN_DIR/train.lock). `--keys` lists every key with its default and meaning.")
     add_settings_arguments(p, None, "run_dir=runs/x steps=100 data.seq_len=512")
     p.set_defaults(run=run_train)
 
@@ -69,6 +71,9 @@ def register_plan(commands) -> None:
                    help="plan QLoRA: the paper's adapters (r 64, alpha 128, all 8 targets) over an NF4 base")
     p.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16", "param"],
                    help="dtype of AdamW's mu and nu ('param': the parameters' dtype, optax's default)")
+    p.add_argument("--master-dtype", default="float32", choices=["float32", "param"],
+                   help="dtype the trained weights are held in: fp32 master weights beside the bf16 compute copy "
+                        "('param': the model's own dtype)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the plan as JSON to OUT ('-': stdout "
                                                                "instead of the table)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. remat_policy=dots)")
@@ -77,7 +82,8 @@ def register_plan(commands) -> None:
 
 def _argv(args) -> list[str]:
     argv = ["plan", "--preset", args.preset, "--mesh", args.mesh, "--batch", str(args.batch), "--seq",
-            str(args.seq), "--optimizer", args.optimizer, "--state-dtype", args.state_dtype]
+            str(args.seq), "--optimizer", args.optimizer, "--state-dtype", args.state_dtype,
+            "--master-dtype", args.master_dtype]
     if args.devices is not None:
         argv += ["--devices", str(args.devices)]
     if args.json is not None:
@@ -121,7 +127,7 @@ def run(args) -> int:
         print(message, file=sys.stderr, flush=True)
 
     request = PlanRequest(config, args.mesh, args.batch, args.seq,
-                          optimizer=OptimizerConfig(state_dtype=args.state_dtype),
+                          optimizer=OptimizerConfig(state_dtype=args.state_dtype, master_dtype=args.master_dtype),
                           qlora=LoraConfig() if args.qlora else None, preset=args.preset, overrides=args.overrides)
     result = plan(request, devices=devices, progress=progress)
     if args.json == "-":

@@ -22,7 +22,12 @@ class ModelConfig:
     path: str = setting("bundled:tiny", "base model: an HF or Orbax model directory, a training run (staged "
                                         "runs), or bundled:tiny (the packaged tiny model)")
     dtype: Literal["float32", "bfloat16"] = setting("bfloat16", "dtype of the base weights and of compute")
-    quantize: Literal["none", "nf4"] = setting("nf4", "nf4: store the frozen base in 4 bits (QLoRA)")
+    quantize: Literal["none", "nf4", "nf4-plain"] = setting("nf4", "nf4: store the frozen base in 4 bits (QLoRA), its block "
+                                                      "scales double-quantised as bitsandbytes' "
+                                                      "bnb_4bit_use_double_quant (~4.127 bits per parameter); "
+                                                      "nf4-plain: fp32 block scales (4.5 bits); a base "
+                                                      "already in NF4 (an Orbax nf4 or nf4-plain "
+                                                      "checkpoint) is kept as stored")
     tokenizer: str | None = setting(None, "tokenizer file or directory (default: the base model's own, else "
                                           "Mixtral's from mistral-common)")
     implementation: dict = dataclasses.field(
@@ -82,6 +87,17 @@ class OptimizerConfig:
     state_dtype: Literal["float32", "bfloat16", "param"] = setting(
         "float32", "dtype of AdamW's mu and nu, whatever the parameters' dtype (param: the parameters' own, "
                    "optax's default)")
+    master_dtype: Literal["float32", "param"] = setting(
+        "float32", "dtype the trained weights are held and updated in: float32 master weights beside the "
+                   "model's (bf16) compute copy, as MaxText and Megatron hold them; param: the model's own "
+                   "dtype (a bf16 run then loses updates below bf16's resolution)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeConfig:
+    allow_changes: tuple[str, ...] = setting_list(
+        (), "keys a resume may change although exact resume breaks (data.seq_len, batch_size, optimizer.*, ...: "
+            "see train/resume.py); each change is recorded in RUN_DIR/changes.jsonl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +126,7 @@ class TrainConfig:
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    resume: ResumeConfig = dataclasses.field(default_factory=ResumeConfig)
 
     def to_dict(self) -> dict:
         return plain(dataclasses.asdict(self))

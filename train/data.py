@@ -1,18 +1,40 @@
 """Pre-training data: how texts (read by `mixtral_jax.data.texts`) become fixed-size token blocks (as Chinese-Mixtral's
 `run_clm_pt_with_peft.py` builds them), and the shuffled, resumable, per-host batch iterator shared with SFT.
 
-Data stays in numpy: it is read on the host, and each host hands only its own rows to the device mesh.
+Data stays in numpy: it is read on the host, and each host hands only its own rows to the device mesh, split
+over the mesh's batch axes (`batch_split` checks that a global batch divides evenly over them).
 """
 
 from __future__ import annotations
 
+import math
 from itertools import chain, islice
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from mixtral_jax.data.texts import DataError
+from mixtral_jax.errors import ConfigError
 from mixtral_jax.parallel.distributed import host_rows
+from mixtral_jax.parallel.sharding import default_rules
+
+
+def batch_split(mesh_shape: Mapping[str, int], batch: int, micro_batches: int = 1, what: str = "batch_size",
+                error: type[Exception] = ConfigError) -> int:
+    """How many ways the mesh splits a batch: the product of the axes the sharding rules
+    (presets/sharding_rules.yaml) give the logical axis `batch` (data x fsdp x expert). A batch, or a
+    micro-batch of batch / micro_batches rows, that they do not divide raises `error`: the step would keep
+    the whole batch on every device instead (the rules replicate a dimension an axis does not divide)."""
+    axes = default_rules()["batch"]
+    shards = math.prod(int(mesh_shape.get(axis, 1)) for axis in axes)
+    over = f"{' x '.join(axes)} = {shards}, the axes the batch is split over"
+    if batch % shards:
+        raise error(f"{what} {batch} is not divisible by {over}")
+    rows = batch // micro_batches
+    if micro_batches > 1 and rows % shards:
+        raise error(f"{what} {batch} as {micro_batches} micro-batches of {rows} rows: {rows} is not divisible by "
+                    f"{over}")
+    return shards
 
 
 def pretrain_blocks(texts: Iterable[str], tokenizer, block_size: int = 1024, group_lines: int = 1000,
@@ -64,10 +86,11 @@ class BatchIterator:
     The order of epoch e is `default_rng([seed, e]).permutation(N)`, so it depends on nothing but the seed,
     which is what lets `restore` resume exactly. The last incomplete global batch of an epoch is dropped.
     Each host gets only its rows of each global batch (`mixtral_jax.parallel.distributed.host_rows`).
+    `sources` (the files or names the arrays were read from) name them in an error.
     """
 
     def __init__(self, arrays: Mapping[str, np.ndarray], global_batch: int, seed: int = 0,
-                 process_index: int | None = None, process_count: int | None = None):
+                 process_index: int | None = None, process_count: int | None = None, sources: Sequence[str] = ()):
         lengths = {key: len(value) for key, value in arrays.items()}
         if not lengths or len(set(lengths.values())) != 1:
             raise DataError(f"the data arrays must have one common length, got {lengths}")
@@ -76,7 +99,8 @@ class BatchIterator:
         self.global_batch = global_batch
         self.host_slice = host_rows(global_batch, process_index, process_count)
         if self.steps_per_epoch == 0:
-            raise DataError(f"{self.rows} examples are fewer than one global batch of {global_batch}")
+            named = f"{', '.join(sources)}: " if sources else ""
+            raise DataError(f"{named}{self.rows} examples are fewer than one global batch of {global_batch}")
         self.seed, self.epoch, self.position = int(seed), 0, 0
         self._order: tuple[int, np.ndarray] | None = None
 

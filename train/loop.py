@@ -4,6 +4,10 @@ A run directory that holds a checkpoint continues from it: trainable weights, op
 iterator's position and the RNG come back, so the losses after a resume equal an uninterrupted run's bit for
 bit. SIGTERM (a preempted VM) finishes the current step, saves and exits cleanly; a non-finite loss stops the
 run before anything of that step is saved, leaving the last checkpoint as it was.
+
+One trainer at a time holds a run directory (mixtral_jax/checkpoints/run_lock.py); a newest checkpoint that
+no longer restores is moved aside and the run resumes from the newest that does; what a resume may change
+is train/resume.py's.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import signal
 import time
 from typing import Any
@@ -19,27 +22,25 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-import yaml
 from tqdm.auto import tqdm
 
-from mixtral_jax.checkpoints import pretrained
+from mixtral_jax.checkpoints import pretrained, run_lock
 from mixtral_jax.checkpoints import run_manifest as runs
 from mixtral_jax.checkpoints import run_state as checkpoint
 from mixtral_jax.data import texts as text_sources
 from mixtral_jax.data.tokenizer import check_compatible, load_tokenizer
-from mixtral_jax.errors import ConfigError
-from mixtral_jax.io import paths
+from mixtral_jax.errors import CheckpointError
 from mixtral_jax.model.flops import chip_peak_flops, flop_counts, measure_matmul_peak
 from mixtral_jax.parallel.distributed import global_batch, host_rows, initialize
 from mixtral_jax.parallel.sharding import make_mesh
 from train import data as data_lib
-from train import sft
+from train import resume, sft
 from train.config import TrainConfig
 from train.metrics import MetricsLog, expert_share
-from train.optim import make_optimizer, schedule
+from train.optim import make_optimizer, master_dtype, schedule
 from train.step import TrainStep, make_train_step
 
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = resume.CONFIG_FILE
 
 
 class TrainingDiverged(RuntimeError):
@@ -71,21 +72,6 @@ def build_arrays(config: TrainConfig, sources, tokenizer, replay: bool = False) 
     examples, dropped = sft.build_sft(records, tokenizer, data.seq_len)
     arrange = sft.pack_examples if data.packing else sft.pad_examples
     return arrange(examples, data.seq_len, tokenizer.eos_id), dropped
-
-
-def _prepare_run_dir(config: TrainConfig, run_model: runs.RunModel, writer: bool) -> None:
-    """The resolved config and the model manifest; a run directory of a different model is refused."""
-    if not paths.is_remote(config.run_dir):  # an object store has no directories to make
-        os.makedirs(config.run_dir, exist_ok=True)
-    if runs.is_run_dir(config.run_dir):
-        existing = runs.read_manifest(config.run_dir)
-        if existing != run_model:
-            raise ConfigError(f"{os.path.join(config.run_dir, runs.MANIFEST)}: this run directory trains "
-                              f"another model ({existing}); use a new run_dir")
-    if writer:
-        runs.write_manifest(config.run_dir, run_model)
-        paths.write_text(os.path.join(config.run_dir, CONFIG_FILE),
-                         yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
 
 
 class _StopFlag:
@@ -151,7 +137,8 @@ def load_data(config: TrainConfig, tokenizer, log) -> RunData:
     if config.data.eval:
         eval_arrays, _ = build_arrays(config, config.data.eval, tokenizer)
         eval_arrays = {k: v[:config.data.eval_rows] for k, v in eval_arrays.items()}
-    batches = data_lib.BatchIterator(train_arrays, config.batch_size, config.seed)
+    sources = (*config.data.train, *(config.data.replay if config.data.replay_share else ()))
+    batches = data_lib.BatchIterator(train_arrays, config.batch_size, config.seed, sources=sources)
     total_steps = config.steps or max(1, math.floor(config.epochs * batches.steps_per_epoch))
     sequences = len(train_arrays["input_ids"])
     log(f"data: {sequences:,} training sequences of {config.data.seq_len} tokens"
@@ -177,19 +164,53 @@ class Checkpoints:
 
     def __init__(self, config: TrainConfig, step_fn: TrainStep, batches: data_lib.BatchIterator, total_steps: int):
         self.manager = checkpoint.open_manager(config.run_dir, config.keep_checkpoints, config.async_save)
+        self.run_dir = config.run_dir
         self.step_fn, self.batches, self.total_steps = step_fn, batches, total_steps
         self.start_seconds: list[float] = []
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore(self, state: TrainState) -> TrainState:
-        """The latest checkpoint's state, `state` giving the structure; the data iterator moves to its place."""
-        step = self.manager.latest_step()
+    def _restore_step(self, step: int, state: TrainState) -> tuple[TrainState, dict]:
         params, opt_state, meta = checkpoint.restore(self.manager, step, state.params, self.step_fn.param_shardings,
                                                      state.opt_state, self.step_fn.opt_shardings)
-        self.batches.restore(meta["data"])
-        return TrainState(step, params, opt_state, jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32)))
+        missing = [key for key in ("data", "rng") if key not in meta]
+        if missing:
+            raise CheckpointError(f"{checkpoint.step_path(self.run_dir, step)}: the checkpoint's meta lacks "
+                                  f"'{missing[0]}'")
+        rng = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
+        return TrainState(step, params, opt_state, rng), meta["data"]
+
+    def restore(self, state: TrainState, log=print) -> TrainState:
+        """The newest checkpoint that restores, `state` giving the structure; the data iterator moves to its
+        place. Newer ones that fail (files deleted or truncated) are moved aside (renamed, kept) with a log
+        line; when none restores, the newest's CheckpointError is raised and nothing is moved (the failure
+        is then not one checkpoint's damage)."""
+        failed = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored, data_state = self._restore_step(step, state)
+                break
+            except CheckpointError as err:
+                failed.append((step, err))
+        else:
+            raise failed[0][1]
+        for step, err in failed:
+            log(f"{err}; resuming from step {restored.step}, the newest checkpoint that restores")
+            self._move_aside(step, log)
+        if failed:
+            self.manager.reload()
+        self.batches.restore(data_state)
+        return restored
+
+    def _move_aside(self, step: int, log) -> None:
+        if jax.process_index() == 0:
+            log(f"{checkpoint.step_path(self.run_dir, step)}: moved aside to "
+                f"{checkpoint.move_aside(self.run_dir, step)} (kept; delete it once inspected)")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
 
     def save(self, state: TrainState) -> None:
         t0 = time.perf_counter()
@@ -312,20 +333,40 @@ class Trainer:
 def _make_step(config: TrainConfig, run_model: runs.RunModel, model, mesh, total_steps: int) -> TrainStep:
     return make_train_step(model, make_optimizer(config.optimizer, total_steps), mesh,
                            (config.batch_size, config.data.seq_len), trainable=run_model.trainable(),
-                           micro_batches=config.micro_batches, aux_loss_coef=config.aux_loss_coef)
+                           micro_batches=config.micro_batches, aux_loss_coef=config.aux_loss_coef,
+                           master_dtype=master_dtype(config.optimizer))
+
+
+def _warn_long_sequences(config: TrainConfig, model_config, log) -> None:
+    """Training past the base's max_position_embeddings works (RoPE has no table) but leaves the length the
+    model was trained on: a warning, not a refusal (long-context continued pre-training does it on purpose)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and config.data.seq_len > limit:
+        log(f"warning: data.seq_len {config.data.seq_len} is beyond the max_position_embeddings {limit} of "
+            f"{config.model.path}: RoPE positions past the length the model was trained on")
 
 
 def train(config: TrainConfig, log=print) -> dict:
-    """Runs (or resumes) the configured training; returns a summary of the run."""
+    """Runs (or resumes) the configured training; returns a summary of the run. Refused before anything is
+    built or compiled: a batch the mesh's batch axes do not split evenly, a run directory that another
+    trainer holds (RUN_DIR/train.lock), a resume with changes that break it (train/resume.py)."""
     initialize()
+    mesh = make_mesh(config.mesh)
+    data_lib.batch_split(mesh.shape, config.batch_size, config.micro_batches, what=f"mesh {config.mesh}: batch_size")
+    resume.make_run_dir(config.run_dir)
+    with run_lock.held(config.run_dir, log):
+        return _train(config, mesh, log)
+
+
+def _train(config: TrainConfig, mesh, log) -> dict:
     writer = jax.process_index() == 0
     run_model = run_model_of(config)
-    _prepare_run_dir(config, run_model, writer)
+    resume.prepare_run_dir(config, run_model, checkpoint.saved_steps(config.run_dir), writer, log)
 
     tokenizer = load_tokenizer(config.model.tokenizer, model=runs.model_directory(config.model.path))
-    mesh = make_mesh(config.mesh)
     model = pretrained.build_model(run_model, mesh)
     check_compatible(tokenizer, model.config.vocab_size, f"{config.model.path} field vocab_size")
+    _warn_long_sequences(config, model.config, log)
     data = load_data(config, tokenizer, log)
     step_fn = _make_step(config, run_model, model, mesh, data.total_steps)
     flops_per_token = flop_counts(model.config, config.data.seq_len)["train_flops_per_token"]
@@ -335,7 +376,7 @@ def train(config: TrainConfig, log=print) -> dict:
 
     with contextlib.closing(Checkpoints(config, step_fn, data.batches, data.total_steps)) as checkpoints:
         if checkpoints.latest_step() is not None:
-            state = checkpoints.restore(state)
+            state = checkpoints.restore(state, log)
             log(f"resuming {config.run_dir} from step {state.step}")
         summary = {"run_dir": config.run_dir, "start_step": state.step, "total_steps": data.total_steps,
                    "train_sequences": data.train_sequences, "sft_dropped": data.sft_dropped, "stopped": None}

@@ -40,6 +40,11 @@ def state_in_dtype(inner: optax.GradientTransformation, dtype) -> optax.Gradient
     return optax.GradientTransformation(init, update)
 
 
+def master_dtype(config: OptimizerConfig) -> str | None:
+    """The dtype the train step holds the trained weights in (None: the model's own)."""
+    return None if config.master_dtype == "param" else config.master_dtype
+
+
 def make_optimizer(config: OptimizerConfig = OptimizerConfig(), total_steps: int = 1000
                    ) -> optax.GradientTransformation:
     """Clipping then AdamW over the schedule, its moments in `config.state_dtype` (fp32 by default, whatever
@@ -52,4 +57,4 @@ def make_optimizer(config: OptimizerConfig = OptimizerConfig(), total_steps: int
     return optimizer if config.state_dtype == "param" else state_in_dtype(optimizer, config.state_dtype)
 
 
-__all__ = ["OptimizerConfig", "make_optimizer", "schedule", "state_in_dtype"]
+__all__ = ["OptimizerConfig", "make_optimizer", "master_dtype", "schedule", "state_in_dtype"]

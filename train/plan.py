@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from mixtral_jax.checkpoints.name_map import param_shapes
+from mixtral_jax.checkpoints.orbax_keys import is_expert
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.model.lora import LoraConfig, LoRAParam
 from mixtral_jax.model.nf4_base import quantize_base
@@ -35,14 +36,15 @@ from mixtral_jax.model.transformer import Mixtral
 from mixtral_jax.parallel.sharding import (
     MESH_AXES,
     MeshError,
-    default_rules,
     make_mesh,
     mesh_device_count,
 )
+from mixtral_jax.quantization.nf4 import DQ_BLOCKSIZE
 from mixtral_jax.quantization.nf4_weight import BLOCK
 from train.config import OptimizerConfig
-from train.optim import make_optimizer
-from train.step import BATCH_KEYS, TrainStep, make_train_step
+from train.data import batch_split
+from train.optim import make_optimizer, master_dtype
+from train.step import BATCH_KEYS, TrainStep, make_train_step, master_weights
 
 GiB = 2 ** 30
 # HBM per chip, as the vendors state it (GiB: these are binary sizes). Runtimes keep a little for themselves.
@@ -107,6 +109,7 @@ class Plan:
     optimizer: str
     state_dtype: str
     param_dtype: str
+    master_dtype: str            # the dtype the trained weights are held in (fp32 master weights by default)
     remat_policy: str
     moe_backend: str
     param_count: int
@@ -146,6 +149,12 @@ class PlanRequest:
         state_dtype = self.optimizer.state_dtype
         return self.config.param_dtype if state_dtype == "param" else state_dtype
 
+    @property
+    def master_dtype(self) -> str:
+        """The dtype the step holds the trained weights in: fp32 master weights, or the model's own."""
+        held = jnp.dtype(master_dtype(self.optimizer) or self.config.param_dtype)
+        return str(max(held, jnp.dtype(self.config.param_dtype), key=lambda d: d.itemsize))
+
 
 class AbstractInputs(NamedTuple):
     """The train step's arguments as sharded ShapeDtypeStructs: nothing allocated, everything placed."""
@@ -166,10 +175,12 @@ def plan(request: PlanRequest, *, devices: Sequence[jax.Device] | None = None,
     trainable = nnx.Param if request.qlora is None else LoRAParam
     # total_steps only shapes the learning-rate schedule, not the memory.
     tx = make_optimizer(request.optimizer, total_steps=1)
-    step = make_train_step(model, tx, mesh, (request.batch, request.seq), trainable=trainable)
+    step = make_train_step(model, tx, mesh, (request.batch, request.seq), trainable=trainable,
+                           master_dtype=master_dtype(request.optimizer))
     inputs = _abstract_inputs(model, trainable, tx, step, request)
     state_dtype = request.optimizer.state_dtype
-    hand = (hand_count(config, inputs.params, inputs.batch, mesh, state_dtype) if request.qlora is None
+    hand = (hand_count(config, inputs.params, inputs.batch, mesh, state_dtype, request.master_dtype)
+            if request.qlora is None
             else qlora_hand_count(config, request.qlora, inputs.params, inputs.frozen, inputs.batch, state_dtype))
     if progress:
         progress(f"compiling the {request.preset or 'model'} train step for {len(devices)} simulated devices "
@@ -179,7 +190,8 @@ def plan(request: PlanRequest, *, devices: Sequence[jax.Device] | None = None,
     _compare_with_hand_count(hand, figures)
     return Plan(preset=request.preset, overrides=list(request.overrides), mesh=dict(mesh.shape), devices=len(devices),
                 batch=request.batch, seq=request.seq, optimizer=OPTIMIZER, state_dtype=request.state_dtype,
-                param_dtype=config.param_dtype, remat_policy=config.remat_policy, moe_backend=config.moe_backend,
+                param_dtype=config.param_dtype, master_dtype=request.master_dtype,
+                remat_policy=config.remat_policy, moe_backend=config.moe_backend,
                 param_count=hand["param_count"], bytes=figures, hand=hand, fits=_fits(figures["total"]),
                 lower_seconds=round(lower_seconds, 3), compile_seconds=round(compile_seconds, 3),
                 host_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -195,10 +207,7 @@ def _plan_mesh(request: PlanRequest, devices: Sequence[jax.Device] | None) -> tu
             raise MeshError(f"{count} simulated CPU devices are needed but jax started with "
                             f"{len(jax.devices('cpu'))}; set XLA_FLAGS={_DEVICE_COUNT_FLAG}={count}")
     mesh = make_mesh(request.mesh, devices=devices, config=request.config)
-    batch_shards = math.prod(mesh.shape[a] for a in default_rules()["batch"])
-    if request.batch % batch_shards:
-        raise MeshError(f"--batch {request.batch} is not divisible by data x fsdp x expert = {batch_shards}, "
-                        f"the axes the batch is split over")
+    batch_split(mesh.shape, request.batch, what="--batch", error=MeshError)  # the trainer's own check
     return devices, mesh
 
 
@@ -213,6 +222,7 @@ def _abstract_model(config: MixtralConfig, qlora: LoraConfig | None) -> Mixtral:
 def _abstract_inputs(model, trainable, tx: optax.GradientTransformation, step: TrainStep,
                      request: PlanRequest) -> AbstractInputs:
     _, abstract_params, abstract_frozen = nnx.split(model, trainable, ...)
+    abstract_params = jax.eval_shape(lambda p: master_weights(p, master_dtype(request.optimizer)), abstract_params)
 
     def sharded(leaf, sharding):
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
@@ -273,11 +283,27 @@ def _fits(total_bytes: int) -> dict[str, dict]:
                    "headroom_gib": round(hbm - total_bytes / GiB, 2)} for name, hbm in CHIPS}
 
 
+def nf4_base_bytes(config: MixtralConfig, double_quant: bool = True) -> int:
+    """Bytes of the layers' linear weights in NF4 as `quantize_base` stores them: 4 bits per value and per block
+    of 64 an fp32 scale, or double-quantised (the default) an 8-bit code, plus per bitsandbytes tensor (a
+    layer's slice of a weight, or one expert's matrix) an fp32 scale per 256 blocks and an fp32 offset."""
+    total = 0
+    for name, shape in param_shapes(config).items():
+        if name.split(".")[-1] not in LINEAR_WEIGHTS:
+            continue
+        tensors = shape[0] * (shape[1] if is_expert(name) else 1)
+        blocks = math.prod(shape) // tensors // BLOCK
+        per_tensor = blocks * BLOCK // 2 + (blocks + 4 * -(-blocks // DQ_BLOCKSIZE) + 4 if double_quant else 4 * blocks)
+        total += tensors * per_tensor
+    return total
+
+
 def qlora_hand_count(config: MixtralConfig, lora: LoraConfig, params, frozen, batch_in: Mapping,
                      state_dtype: str) -> dict[str, Any]:
     """QLoRA per device: adapters r (in + out) per targeted weight (per expert for w1, w2, w3) in the adapter
-    dtype (fp32) with AdamW moments in `state_dtype`; the frozen NF4 weights at 4 bits plus one fp32 scale per 64
-    values; embeddings, LM head and norms in the parameter dtype. Divided by each array's shards."""
+    dtype (fp32) with AdamW moments in `state_dtype`; the frozen NF4 weights as `nf4_base_bytes` counts them
+    (~4.127 bits per parameter); embeddings, LM head and norms in the parameter dtype. Divided by each array's
+    shards."""
     d, f, e = config.hidden_size, config.intermediate_size, config.num_local_experts
     h, kv, hd, layers = (config.num_attention_heads, config.num_key_value_heads, config.resolved_head_dim,
                          config.num_hidden_layers)
@@ -294,7 +320,7 @@ def qlora_hand_count(config: MixtralConfig, lora: LoraConfig, params, frozen, ba
     adapter_elements = sum(math.prod(leaf.shape) // _shards(leaf.sharding) for leaf in leaves)
     shapes = param_shapes(config)
     quantised = {n: s for n, s in shapes.items() if n.split(".")[-1] in LINEAR_WEIGHTS}
-    nf4_bytes = sum(math.prod(s) // 2 + math.prod(s) // BLOCK * 4 for s in quantised.values())
+    nf4_bytes = nf4_base_bytes(config)
     other_bytes = sum(math.prod(s) for n, s in shapes.items() if n not in quantised) * param_bytes
     frozen_per_device = _per_device(frozen)  # its split follows the weights' rules, checked in the tests
     batch_shards = _shards(next(iter(batch_in.values())).sharding)
@@ -308,10 +334,12 @@ def qlora_hand_count(config: MixtralConfig, lora: LoraConfig, params, frozen, ba
             "gradients": adapter_elements * adapter_bytes}
 
 
-def hand_count(config: MixtralConfig, params, batch_in: Mapping, mesh: Mesh, state_dtype: str) -> dict[str, Any]:
-    """Per-device bytes counted by hand: each parameter's size from the config formula, times its dtype's bytes,
-    over the number of shards its partition spec cuts it into; AdamW's mu and nu alike in `state_dtype`,
-    plus the step counts; the batch's three int32 [B, S] arrays over the batch axes."""
+def hand_count(config: MixtralConfig, params, batch_in: Mapping, mesh: Mesh, state_dtype: str,
+               held_dtype: str | None = None) -> dict[str, Any]:
+    """Per-device bytes counted by hand: each parameter's size from the config formula, times the bytes of the
+    dtype the step holds it in (`held_dtype`: fp32 master weights; default the model's), over the number of
+    shards its partition spec cuts it into; AdamW's mu and nu alike in `state_dtype`, plus the step counts;
+    the batch's three int32 [B, S] arrays over the batch axes."""
     shapes = param_shapes(config)
     flat = {".".join(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(params)}
     flat = {name: (leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf) for name, leaf in flat.items()}
@@ -319,8 +347,9 @@ def hand_count(config: MixtralConfig, params, batch_in: Mapping, mesh: Mesh, sta
         mismatched = sorted(n for n in set(flat) | set(shapes)
                             if n not in flat or n not in shapes or tuple(flat[n].shape) != shapes[n])
         raise AssertionError(f"the model's parameters differ from the config formula at {', '.join(mismatched)}")
-    param_bytes = jnp.dtype(config.param_dtype).itemsize
-    state_bytes = param_bytes if state_dtype == "param" else jnp.dtype(state_dtype).itemsize
+    param_bytes = jnp.dtype(held_dtype or config.param_dtype).itemsize
+    state_bytes = jnp.dtype(config.param_dtype).itemsize if state_dtype == "param" else \
+        jnp.dtype(state_dtype).itemsize
     # The shipped rules only split a dimension over mesh axes that divide it, so these divisions are exact.
     per_device_elements = sum(math.prod(shape) // _shards(flat[name].sharding) for name, shape in shapes.items())
     params_per_device = per_device_elements * param_bytes
@@ -351,7 +380,8 @@ def format_plan(p: Plan) -> str:
     b, h = p.bytes, p.hand
     lines = [
         f"plan: {p.preset or 'model'}{' ' + ' '.join(p.overrides) if p.overrides else ''}: "
-        f"{_count_text(p.param_count)} parameters in {p.param_dtype}, {p.optimizer} with {p.state_dtype} mu and nu, "
+        f"{_count_text(p.param_count)} parameters in {p.param_dtype} (trained in {p.master_dtype}), "
+        f"{p.optimizer} with {p.state_dtype} mu and nu, "
         f"remat {p.remat_policy}, moe {p.moe_backend}",
         f"mesh {_mesh_text(p.mesh)} on {p.devices} simulated devices; batch {p.batch} x {p.seq} tokens",
         f"lowered in {p.lower_seconds:.1f} s, compiled in {p.compile_seconds:.1f} s; "
@@ -379,4 +409,4 @@ def format_plan(p: Plan) -> str:
 
 
 __all__ = ["CHIPS", "Plan", "PlanRequest", "config_param_count", "ensure_cpu_devices", "format_plan",
-           "hand_count", "plan", "qlora_hand_count", "with_device_count"]
+           "hand_count", "nf4_base_bytes", "plan", "qlora_hand_count", "with_device_count"]

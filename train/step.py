@@ -4,8 +4,12 @@ The loss is computed from the final hidden states by `fused_next_token_nll`, a c
 the [batch, length, vocab] logits are never materialised.
 
 Only the `trainable` parameters (all of them, or LoRA adapters plus modules_to_save) get gradients and
-optimizer state; the frozen rest is an input like the batch. A global batch of `micro_batches * m` rows runs
-as `micro_batches` sequential micro-batches whose gradients are summed, so any global batch fits any mesh.
+optimizer state; the frozen rest is an input like the batch. The trainable parameters are held as fp32 master
+weights (`master_dtype`) whatever the model's dtype, as MaxText, Megatron and torch AMP hold them: the forward
+and backward run on a bf16 copy, the gradients come back in fp32, and an update smaller than bf16's
+resolution of a weight still accumulates (a bf16-only update would be rounded away). A global batch of
+`micro_batches * m` rows runs as `micro_batches` sequential micro-batches whose gradients are summed, so any
+global batch fits any mesh.
 """
 
 from __future__ import annotations
@@ -62,19 +66,40 @@ def step_shardings(model: nnx.Module, optimizer: optax.GradientTransformation, m
     return StepShardings(p_shardings, f_shardings, o_shardings, b_shardings, replicated)
 
 
+def master_weights(params, master_dtype: str | None):
+    """The trainable parameters as the step holds them: floating ones narrower than `master_dtype` widened
+    to it (None: as they are)."""
+    if master_dtype is None:
+        return params
+    dtype = jnp.dtype(master_dtype)
+
+    def widen(x):
+        floating = jnp.issubdtype(x.dtype, jnp.floating)
+        return x.astype(dtype) if floating and jnp.finfo(x.dtype).bits < jnp.finfo(dtype).bits else x
+
+    return jax.tree.map(widen, params)
+
+
+def in_dtypes(params, dtypes):
+    """`params` cast to the model's own dtypes (the compute copy of master weights)."""
+    return jax.tree.map(lambda x, dtype: x if x.dtype == dtype else x.astype(dtype), params, dtypes)
+
+
 def make_loss_and_grads(model: nnx.Module, mesh: Mesh, rules, trainable, micro_batches: int,
                         aux_loss_coef: float) -> Callable:
     """(params, batch, frozen, dropout_key, with_grads=True) -> (summed grads or None, metrics): the batch
     runs as `micro_batches` sequential slices (a scan) whose gradients add up, each slice's loss already
-    divided by the global batch's label count, so the sum is the full batch's mean."""
+    divided by the global batch's label count, so the sum is the full batch's mean. `params` may be master
+    weights wider than the model's dtypes: the forward casts them, so gradients come back in their dtype."""
     graphdef, params, _ = nnx.split(model, trainable, ...)
+    model_dtypes = jax.tree.map(lambda x: x.dtype, params)
     config = model.config
     # The LM head's own gradient product runs only when the head (or the embedding it is tied to) trains.
     head_trainable = ("embed_tokens" if config.tie_word_embeddings else "lm_head") in params
 
     def micro_loss(params, frozen, micro, total_tokens, dropout_key):
         with use_mesh(mesh, rules):
-            merged = nnx.merge(graphdef, params, frozen)
+            merged = nnx.merge(graphdef, in_dtypes(params, model_dtypes), frozen)
             out = merged(micro["input_ids"], micro["attention_mask"], dropout_key=dropout_key, return_hidden=True)
             nll_sum, tokens = fused_next_token_nll(out.hidden_states, merged.output_head(), micro["labels"],
                                                    head_grad=head_trainable)
@@ -117,11 +142,13 @@ def make_loss_and_grads(model: nnx.Module, mesh: Mesh, rules, trainable, micro_b
 
 def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
                     batch_shape: tuple[int, int], rules=None, trainable=nnx.Param,
-                    micro_batches: int = 1, aux_loss_coef: float | None = None) -> TrainStep:
+                    micro_batches: int = 1, aux_loss_coef: float | None = None,
+                    master_dtype: str | None = "float32") -> TrainStep:
     """The step for `model`'s structure on `mesh`. A batch is a dict of `input_ids`, `labels` and
     `attention_mask`, each [batch, length], split over the data, fsdp and expert axes; `trainable` is an nnx
     filter. The loss is the next-token NLL averaged over every label of the global batch plus
-    `aux_loss_coef` (default: the config's) x the router's aux loss averaged over the micro-batches."""
+    `aux_loss_coef` (default: the config's) x the router's aux loss averaged over the micro-batches.
+    `split` gives the trainable parameters as master weights in `master_dtype` (None: the model's dtypes)."""
     if batch_shape[0] % micro_batches:
         raise ValueError(f"batch of {batch_shape[0]} rows is not divisible into {micro_batches} micro-batches")
     coef = model.config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
@@ -137,7 +164,8 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
 
     def split(model):
         _, params, frozen = nnx.split(model, trainable, ...)
-        return jax.device_put(params, p_shardings), jax.device_put(frozen, f_shardings)
+        return (jax.device_put(master_weights(params, master_dtype), p_shardings),
+                jax.device_put(frozen, f_shardings))
 
     return TrainStep(
         step=jax.jit(train_step, in_shardings=(p_shardings, o_shardings, b_shardings, f_shardings, None),

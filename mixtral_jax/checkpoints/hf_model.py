@@ -11,6 +11,7 @@ the finished model plus one parameter.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -28,18 +29,20 @@ from mixtral_jax.checkpoints.placement import (
     named_params,
     placement,
 )
-from mixtral_jax.config import MixtralConfig
+from mixtral_jax.config import MixtralConfig, canonical_dtype
 from mixtral_jax.errors import CheckpointError
 from mixtral_jax.model.lora import LoraConfig
 from mixtral_jax.model.transformer import Mixtral
 
 
-def load_hf(path: str | os.PathLike, dtype: str | None = None, *, mesh=None, show_progress: bool = False,
+def load_hf(path: str | os.PathLike, dtype: Any = None, *, mesh=None, show_progress: bool = False,
             lora: LoraConfig | None = None, lora_seed: int = 0, **implementation) -> Mixtral:
     """The model of an HF Mixtral directory; arguments as `from_pretrained`'s."""
     directory = os.fspath(path)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a directory")
+    if dtype is not None:
+        dtype = canonical_dtype(dtype, "load_hf: argument 'dtype'")
     MixtralConfig.from_hf(directory)  # a bad config.json is reported before any tensor is looked at
     files = CheckpointFiles(directory)
     if dtype is None:
@@ -70,12 +73,15 @@ def load_hf(path: str | os.PathLike, dtype: str | None = None, *, mesh=None, sho
 
 # ------------------------------------------------------------------------------------------------ writing
 def save_pretrained(model: Mixtral, path: str | os.PathLike, *, max_shard_bytes: int | None = None,
-                    dtype: str | None = None, overwrite: bool = False) -> None:
+                    dtype: Any = None, overwrite: bool = False) -> None:
     """Writes config.json, generation_config.json and legacy-layout safetensors (sharded past max_shard_bytes),
     through `write_pretrained`: one layer-tensor at a time comes from the devices to the host.
 
-    The directory is assembled under a temporary name beside `path` and renamed when complete.
+    The directory is assembled under a temporary name beside `path` and renamed when complete. `dtype` (default:
+    the model's parameter dtype) is a name, a short form ("bf16") or a dtype object (jnp.bfloat16).
     """
+    if dtype is not None:
+        dtype = canonical_dtype(dtype, "save_pretrained: argument 'dtype'")
     params = dict(named_params(model))
 
     def read(param: str, layer: int | None) -> np.ndarray:

@@ -1,9 +1,9 @@
 """`convert hf-to-orbax`: an HF directory streamed into an Orbax model checkpoint (orbax_format.py), leaf
 by leaf (one layer-tensor, or one expert's matrix for w1-w3), each written with O_DIRECT by
 `orbax_files.PyTreeWriter` while the next two are read and transposed on other threads (io/read_ahead.py).
-With `quantize="nf4"` each linear weight is stored as `quantize_base`'s NF4 arrays, quantised one layer (or
-one expert) at a time: the one step that imports JAX. The directory is built under a temporary name and
-renamed when complete."""
+With `quantize="nf4"` (double-quantised) or "nf4-plain" each linear weight is stored as `quantize_base`'s NF4
+arrays, quantised one layer (or one expert) at a time: the one step that imports JAX. The directory is built
+under a temporary name and renamed when complete."""
 
 from __future__ import annotations
 
@@ -100,12 +100,13 @@ def _tasks(source: HFSource, quantize: str) -> list[tuple[tuple[str, ...], Calla
     a new one)."""
     config = source.config
     marker = {"version": VERSION, "quantize": quantize}
-    if quantize == "nf4":  # the one step of the conversion that needs JAX
+    nf4 = quantize != "none"
+    if nf4:  # the one step of the conversion that needs JAX
         from mixtral_jax.checkpoints.nf4_layers import layer_quantizer
 
-        quantize_layer = layer_quantizer(config)
+        quantize_layer = layer_quantizer(config, quantize)
 
-    def nf4(param, layer, out=None):  # the packed arrays and the parameter count
+    def nf4_slice(param, layer, out=None):  # the packed arrays and the parameter count
         array = source.read(param, layer, out)
         return quantize_layer(param, array), array.size
 
@@ -124,11 +125,11 @@ def _tasks(source: HFSource, quantize: str) -> list[tuple[tuple[str, ...], Calla
         if per_expert(param, marker):
             tasks += [(expert_key(param, layer, e), functools.partial(source.read_part, param, layer, (e,)),
                        (param, layer), e == experts - 1, (shape[1:], dtype)) for e in range(experts)]
-        elif quantize == "nf4" and is_expert(param):
+        elif nf4 and is_expert(param):
             tasks.append((leaf_key(param, layer), functools.partial(nf4_experts, param, layer), (param, layer),
                           True, (shape[1:], dtype)))
-        elif quantize == "nf4" and is_quantized(param):
-            tasks.append((leaf_key(param, layer), functools.partial(nf4, param, layer), (param, layer),
+        elif nf4 and is_quantized(param):
+            tasks.append((leaf_key(param, layer), functools.partial(nf4_slice, param, layer), (param, layer),
                           True, (shape, dtype)))
         else:
             tasks.append((leaf_key(param, layer), functools.partial(source.read, param, layer), (param, layer),

@@ -3,8 +3,9 @@ layer-tensor at a time and restored onto any mesh. `mixtral-jax convert hf-to-or
 `from_pretrained(dir, mesh=...)` reads them.
 
     OUT/config.json              the HF config (`MixtralConfig.to_hf()`), torch_dtype = the stored dtype
-    OUT/orbax_model.json         the marker: {"format": "mixtral-jax-orbax-model", "version": 2,
-                                 "dtype": stored dtype of the unquantised weights, "quantize": "none" | "nf4",
+    OUT/orbax_model.json         the marker: {"format": "mixtral-jax-orbax-model", "version": 3,
+                                 "dtype": stored dtype of the unquantised weights,
+                                 "quantize": "none" | "nf4" | "nf4-plain",
                                  "num_hidden_layers": L, "weights": ["weights"]}
     OUT/generation_config.json   and the tokenizer files, copied from the source when it has them
     OUT/weights                  an Orbax PyTree checkpoint (zarr3, one directory per key, written by
@@ -26,9 +27,13 @@ layer-tensor at a time and restored onto any mesh. `mixtral-jax convert hf-to-or
       was the converter's bottleneck).
       Each array is one chunk, or with `--mesh` chunks of one device's shard on that mesh (hf_to_orbax.convert_hf).
       With quantize nf4 every weight that `nf4_base.quantize_base` quantises (q/k/v/o_proj, gate, w1-w3) is
-      stored as its two arrays, `.../q_proj/packed` (uint8) and `.../q_proj/absmax` (fp32), exactly
-      `quantize_base(model)`'s arrays for that layer (so ~0.56 bytes per quantised parameter on disk); the NF4
-      experts stay one key per layer-tensor ([E, ...] packed), quantised one expert at a time (the same bits).
+      stored as the arrays of its NF4Weight, exactly `quantize_base(model)`'s for that layer: double-quantised
+      (bitsandbytes' compress_statistics, ~0.516 bytes per quantised parameter) `.../q_proj/packed` (uint8),
+      `.../q_proj/absmax_q` (uint8, one per 64 values), `.../q_proj/absmax_scale` (fp32, one per 256 blocks)
+      and `.../q_proj/offset` (fp32 [1]); with quantize nf4-plain `.../packed` and `.../absmax` (fp32,
+      ~0.56 bytes per parameter). The NF4 experts stay one key per layer-tensor ([E, ...] packed; offset
+      [E, 1]: each expert is its own bitsandbytes tensor), quantised one expert at a time (the same bits).
+      Versions 1 and 2 knew only plain NF4 and called it "nf4": their markers read as "nf4-plain".
 
 Written by hf_to_orbax.py, restored onto devices by orbax_load.py; `OrbaxSource` here reads single
 layer-tensors onto the host for the converters back to HF. This module imports no JAX (an NF4 checkpoint's
@@ -58,11 +63,11 @@ from mixtral_jax.errors import CheckpointError
 from mixtral_jax.io.buffers import OneEntryCache
 
 FORMAT = "mixtral-jax-orbax-model"
-VERSION = 2
-READ_VERSIONS = (1, 2)
+VERSION = 3  # 3: quantize "nf4" is double-quantised NF4, "nf4-plain" the plain NF4 that 1 and 2 called "nf4"
+READ_VERSIONS = (1, 2, 3)
 MARKER = "orbax_model.json"
 WEIGHTS = "weights"
-QUANTIZE = ("none", "nf4")
+QUANTIZE = ("none", "nf4", "nf4-plain")  # as the model.quantize setting: nf4 with double quantisation, or without
 
 
 # ------------------------------------------------------------------------------------------------ layout
@@ -80,6 +85,8 @@ def read_marker(directory: str) -> dict:
                               f"{', '.join(map(str, READ_VERSIONS))}")
     if marker.get("quantize") not in QUANTIZE:
         raise CheckpointError(f"{path}: field 'quantize' is {marker.get('quantize')!r} (known: {', '.join(QUANTIZE)})")
+    if marker["version"] < 3 and marker["quantize"] == "nf4":  # stored before double quantisation: plain NF4
+        marker = {**marker, "quantize": "nf4-plain"}
     parts = weight_parts(marker)
     if not parts or not all(isinstance(part, str) for part in parts):
         raise CheckpointError(f"{path}: field 'weights' is {marker.get('weights')!r}, expected a list of "
@@ -190,10 +197,10 @@ class OrbaxSource:
         self.weights = Weights(self.directory, self.marker)
         self.shapes = layer_shapes(self.config)
         self.nf4 = {}  # param -> its abstract NF4 weight, stacked over layers
-        if self.marker["quantize"] == "nf4":  # dequantising is the one step of reading that needs JAX
+        if self.marker["quantize"] != "none":  # dequantising is the one step of reading that needs JAX
             from mixtral_jax.checkpoints.nf4_layers import nf4_templates
 
-            self.nf4 = nf4_templates(self.config)
+            self.nf4 = nf4_templates(self.config, self.marker["quantize"])
         self._layer_tensor = OneEntryCache(self.read)  # reads may come from several threads
 
     def items(self) -> list[Item]:
@@ -204,11 +211,10 @@ class OrbaxSource:
             return np.stack([self.read_part(param, layer, (e,)) for e in range(self.config.num_local_experts)])
         key = leaf_key(param, layer)
         if param in self.nf4:
-            from mixtral_jax.checkpoints.nf4_layers import dequantize_layer
+            from mixtral_jax.checkpoints.nf4_layers import as_leaves, dequantize_layer
 
             template = self.nf4[param]
-            arrays = {name: np.empty(a.shape[1:], a.dtype) for name, a in (("packed", template.packed),
-                                                                          ("absmax", template.absmax))}
+            arrays = {name: np.empty(a.shape[1:], a.dtype) for name, a in as_leaves(template).items()}
             return dequantize_layer(template, lookup(self.weights.load(nest(key, arrays)), key))
         shape, dtype = self.shapes[param]
         return np.asarray(lookup(self.weights.load(nest(key, np.empty(shape, dtype))), key))

@@ -7,6 +7,7 @@ model plus one parameter. The host-side reader is orbax_format.OrbaxSource; this
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,16 +24,19 @@ from mixtral_jax.checkpoints.orbax_keys import (
     per_expert,
 )
 from mixtral_jax.checkpoints.placement import add_fresh_adapters, named_params
+from mixtral_jax.config import canonical_dtype
 from mixtral_jax.model.lora import LoraConfig
 from mixtral_jax.model.transformer import Mixtral
 from mixtral_jax.quantization.nf4_weight import NF4Weight
 
 
-def load(directory: str | os.PathLike, dtype: str | None = None, *, mesh=None, lora: LoraConfig | None = None,
+def load(directory: str | os.PathLike, dtype: Any = None, *, mesh=None, lora: LoraConfig | None = None,
          lora_seed: int = 0, show_progress: bool = False, **implementation) -> Mixtral:
     """The model of an Orbax model checkpoint (`from_pretrained` dispatches here), each parameter restored
     with its sharding on `mesh` (default: the first device). `dtype` casts the unquantised weights."""
     directory = os.fspath(directory)
+    if dtype is not None:
+        dtype = canonical_dtype(dtype, "load: argument 'dtype'")
     config, marker = read_config(directory, dtype, **implementation)
     model = abstract_model(config, lora, marker["quantize"])
     restore = _Restorer(Weights(directory, marker), marker, config.num_hidden_layers, config.num_local_experts)
@@ -42,7 +46,7 @@ def load(directory: str | os.PathLike, dtype: str | None = None, *, mesh=None, l
         value = variable.get_value()
         result = restore(name, as_leaves(value), as_leaves(shardings[name]), isinstance(value, NF4Weight))
         if isinstance(value, NF4Weight):
-            result = value.replace(packed=result["packed"], absmax=result["absmax"])
+            result = value.replace(**result)  # its stored arrays (nf4_layers.as_leaves)
         variable.set_value(result)
     if lora is not None:
         add_fresh_adapters(model, mesh, lora_seed)
@@ -68,7 +72,7 @@ class _Restorer:
         self.stored_dtype = jnp.dtype(marker["dtype"])
 
     def __call__(self, name: str, leaves, target, quantized: bool):
-        """`leaves`: the abstract parameter (an array, or NF4's {packed, absmax}); `target`: its shardings."""
+        """`leaves`: the abstract parameter (an array, or an NF4 weight's dict of arrays); `target`: its shardings."""
         if per_expert(name, self.marker):
             return self._per_expert(name, leaves, target)
         if name.startswith("layers."):

@@ -6,12 +6,14 @@ into memory (JAX) and merged there."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from mixtral_jax.checkpoints import run_manifest
 from mixtral_jax.checkpoints.hf_files import write_pretrained
 from mixtral_jax.checkpoints.kinds import ORBAX, RUN, checkpoint_kind
 from mixtral_jax.checkpoints.orbax_format import OrbaxSource
 from mixtral_jax.checkpoints.sources import ModelSource
+from mixtral_jax.config import canonical_dtype
 from mixtral_jax.errors import CheckpointError
 
 
@@ -32,11 +34,14 @@ def merged_run_model(run_dir: str, base: str | None = None, merge_base: str = "f
     return model, os.path.abspath(base) if base else run_manifest.root_base(run_dir)
 
 
-def orbax_to_hf(src: str, out: str, dtype: str | None = None, max_shard_bytes: int | None = 5 * 10**9,
+def orbax_to_hf(src: str, out: str, dtype: Any = None, max_shard_bytes: int | None = 5 * 10**9,
                 merge: bool = False, base: str | None = None, merge_base: str = "full", overwrite: bool = False,
                 show_progress: bool = True) -> None:
-    """`dtype` None keeps the stored dtype; `max_shard_bytes` None writes one file. `merge`, `base` and
-    `merge_base` apply to a LoRA training run (see `merged_run_model`)."""
+    """`dtype` None keeps the stored dtype (else a name, a short form such as "bf16", or a dtype object);
+    `max_shard_bytes` None writes one file. `merge`, `base` and `merge_base` apply to a LoRA training run (see
+    `merged_run_model`)."""
+    if dtype is not None:
+        dtype = canonical_dtype(dtype, "orbax_to_hf: argument 'dtype'")
     _refuse_existing(out, overwrite)
     kind = checkpoint_kind(src)
     if kind == ORBAX:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import jax
 from flax import nnx
@@ -24,23 +25,27 @@ from mixtral_jax.checkpoints.run_manifest import (
     is_run_dir,
     read_manifest,
 )
+from mixtral_jax.config import canonical_dtype
 from mixtral_jax.errors import CheckpointError
 from mixtral_jax.model.lora import LoraConfig, init_adapters, merge_adapters
-from mixtral_jax.model.nf4_base import quantize_base
+from mixtral_jax.model.nf4_base import quantize_model
 from mixtral_jax.model.transformer import Mixtral
 
 
-def from_pretrained(path: str | os.PathLike, dtype: str | None = None, *, mesh=None, show_progress: bool = False,
+def from_pretrained(path: str | os.PathLike, dtype: Any = None, *, mesh=None, show_progress: bool = False,
                     lora: LoraConfig | None = None, lora_seed: int = 0, **implementation) -> Mixtral:
     """Loads an HF Mixtral directory, an Orbax model checkpoint, or a training run directory (the base it
     names with the run's latest trained weights applied). `dtype` sets parameter and compute dtype (default:
-    the checkpoint's).
+    the checkpoint's): "float32", "bfloat16", "float16", a short form ("bf16", "fp32", ...) or a dtype object
+    (jnp.bfloat16, np.float32).
 
     `implementation` overrides our own config fields (moe_backend, scan_layers, remat_policy, ...).
     With `lora`, the targeted weights get fresh adapters (A random from `lora_seed`, B zero).
     With `mesh`, every parameter is placed with its sharding from the logical-axis rules as it is read.
     """
     path = os.fspath(path)
+    if dtype is not None:  # jnp.bfloat16, "bf16", ...; a bad one is the caller's, not the checkpoint's
+        dtype = canonical_dtype(dtype, "from_pretrained: argument 'dtype'")
     if checkpoint_kind(path) == RUN:
         return load_run(path, mesh=mesh, **implementation)
     return load_model_dir(path, dtype, mesh=mesh, show_progress=show_progress, lora=lora, lora_seed=lora_seed,
@@ -63,7 +68,7 @@ def build_model(run_model: RunModel, mesh=None, root: str | None = None):
     else:
         model = load_model_dir(root or base, run_model.dtype, mesh=mesh, lora=run_model.lora_config(),
                                lora_seed=run_model.lora_seed, **run_model.implementation)
-    return quantize_base(model) if run_model.quantize == "nf4" else model
+    return quantize_model(model, run_model.quantize)
 
 
 def _with_fresh_adapters(model: Mixtral, run_model: RunModel) -> Mixtral:
@@ -81,7 +86,9 @@ def load_run(run_dir: str, step: int | None = None, mesh=None, merge: bool = Fal
     overrides model fields that do not change the weights (moe_backend, scan_layers, ...). With `merge`, the
     adapters are folded into the base and removed: the full-precision base, as Chinese-Mixtral's release
     merged them, or with `merge_base="nf4"` the dequantised NF4 base the run trained on. `root` replaces
-    the model at the bottom of a chain of runs (see `build_model`)."""
+    the model at the bottom of a chain of runs (see `build_model`). A checkpoint that cannot be restored
+    (files deleted or truncated) raises a CheckpointError naming it and the run's other steps; there is no
+    fall-back to an older one (the trainer's resume falls back, and moves the damaged one aside)."""
     run_model = read_manifest(run_dir)
     run_model = dataclasses.replace(run_model, implementation={**run_model.implementation, **implementation})
     if merge and merge_base == "full":
@@ -95,7 +102,12 @@ def load_run(run_dir: str, step: int | None = None, mesh=None, merge: bool = Fal
         model = build_model(run_model, mesh, root)
         graphdef, params, frozen = nnx.split(model, run_model.trainable(), ...)
         shardings = jax.tree.map(lambda x: x.sharding, params)
-        params, _, _ = run_state.restore(manager, step, params, shardings)
+        try:
+            params, _, _ = run_state.restore(manager, step, params, shardings)
+        except CheckpointError as err:  # no silent fall-back to an older step: name the others instead
+            others = sorted(s for s in manager.all_steps() if s != step)
+            raise CheckpointError(f"{err}; the run's other checkpoints: {others or 'none'}"
+                                  + (f" (load_run(..., step={max(others)}) loads one)" if others else "")) from err
     finally:
         manager.close()
     model = nnx.merge(graphdef, params, frozen)

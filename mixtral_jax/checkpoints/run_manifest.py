@@ -29,7 +29,7 @@ class RunModel:
 
     base: str                                   # HF directory, or bundled:tiny
     dtype: str = "bfloat16"
-    quantize: str = "none"                      # none | nf4
+    quantize: str = "none"                      # none | nf4 (NF4, double-quantised unless stored plain)
     lora: dict | None = None                    # LoraConfig fields; None: full fine-tuning
     modules_to_save: tuple[str, ...] = ()       # trained in full beside the adapters
     implementation: dict = dataclasses.field(default_factory=dict)

@@ -2,30 +2,40 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 from mixtral_jax.assets import TINY_MODEL_DIR
+from mixtral_jax.cli.main import (
+    DTYPE_HELP,
+    MOE_BACKEND_HELP,
+    HelpFormatter,
+    dtype_option,
+)
+from mixtral_jax.config import MOE_BACKENDS
 
 
 def register(commands) -> None:
-    p = commands.add_parser("generate", help="generate text from a prompt",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = commands.add_parser("generate", help="generate text from a prompt", formatter_class=HelpFormatter,
+                            description="Greedy or sampled continuation of each prompt (transformers' order: "
+                                        "repetition penalty, temperature, top-k, top-p).")
     p.add_argument("model", nargs="?", default=TINY_MODEL_DIR,
-                   help="HF model directory (default: the bundled tiny model, random weights)")
+                   help="HF model directory, Orbax model checkpoint or training run (default: the bundled tiny "
+                        "model, random weights)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     p.add_argument("--tokenizer", default=None,
                    help="HF tokenizer directory or .model file (default: the model's own, else Mixtral's)")
     p.add_argument("--instruct", action="store_true", help="wrap each prompt in [INST] ... [/INST]")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
-    p.add_argument("--moe-backend", default="dropless", choices=["dense", "dropless", "capacity"])
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated after each prompt at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="softmax temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample among the most likely tokens holding this probability mass; 1 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already present (multiply negative ones); 1 = off")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+    p.add_argument("--dtype", type=dtype_option(), default=None, help=f"{DTYPE_HELP} (default: the checkpoint's)")
+    p.add_argument("--moe-backend", default="dropless", choices=list(MOE_BACKENDS), help=MOE_BACKEND_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(run=run)
 

@@ -41,6 +41,13 @@ class DirectFile:
         self.size = 0
 
     def write(self, data) -> None:
+        try:
+            self._write(data)
+        except OSError as err:  # os.write names no file: a full disk is reported with this one's path
+            _name(err, self.path)
+            raise
+
+    def _write(self, data) -> None:
         view = memoryview(data).cast("B")
         self.size += len(view)
         whole = len(view) // ALIGNMENT * ALIGNMENT
@@ -69,11 +76,24 @@ class DirectFile:
                 self._stage[self._filled:padded] = bytes(padded - self._filled)
                 self._flush_stage(padded)
                 os.ftruncate(self._fd, self.size)
+        except OSError as err:
+            _name(err, self.path)
+            raise
         finally:
-            os.close(self._fd)
-            self._fd = -1
-            if self._stage is not None:
-                self._stage.close()
+            self._release()
+
+    def _release(self) -> None:
+        """Closes the file and frees the stage, without writing what is staged."""
+        fd, self._fd = self._fd, -1
+        stage, self._stage = self._stage, None
+        try:
+            os.close(fd)
+        finally:
+            if stage is not None:
+                try:
+                    stage.close()
+                except BufferError:  # a view of it outlives the write that failed (in that error's traceback):
+                    pass  # the memory is unmapped when the last view goes; the error is the one to report
 
     def _flush_stage(self, length: int) -> None:
         """Writes the stage's first `length` bytes and empties it."""
@@ -99,8 +119,16 @@ class DirectFile:
     def __enter__(self) -> DirectFile:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._fd >= 0:  # the write failed: nothing more goes to the file (its writer removes it), and the
+            self._release()  # error that ended it is the one raised, not a second from the staged bytes
+
+
+def _name(err: OSError, path: str) -> None:
+    if err.filename is None:
+        err.filename = path
 
 
 def _write_all(fd: int, view: memoryview) -> None:

@@ -1,6 +1,7 @@
 """Outputs appear whole or not at all: a directory or a file is written as a temporary sibling, which
-replaces the destination only once complete (a directory's files synced to disk first); on failure it is
-removed and the destination is untouched."""
+replaces the destination only once complete (a directory's files synced to disk first); on failure (an error,
+Ctrl-C) it is removed and the destination is untouched. An OSError about the temporary sibling (a full disk, a
+read-only one) names the destination instead: the path the user gave, not one that no longer exists."""
 
 from __future__ import annotations
 
@@ -18,8 +19,13 @@ def output_directory(path: str) -> Iterator[str]:
     """Yields the temporary directory to write into; on a clean exit it becomes `path` (an old `path` is
     moved aside first and deleted only once the new one is in place)."""
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    prefix = f".{os.path.basename(path)}.tmp-"
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    except OSError as err:
+        _as_destination(err, os.path.join(parent, prefix), path, whole=True)
+        raise
     try:
         yield tmp
         umask = os.umask(0)
@@ -28,9 +34,22 @@ def output_directory(path: str) -> Iterator[str]:
         _sync_tree(tmp)
         _replace_directory(tmp, path)
         _sync(parent)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        _as_destination(err, tmp, path)
         raise
+
+
+def _as_destination(err: BaseException, tmp: str, path: str, whole: bool = False) -> None:
+    """An OSError about `tmp` or a file under it told about `path` or the same file under it; with `whole`,
+    about any name that starts with `tmp` (a prefix: the temporary sibling that could not be made), `path`."""
+    name = err.filename if isinstance(err, OSError) else None
+    if not isinstance(name, str):
+        return
+    if whole and name.startswith(tmp):
+        err.filename = os.fspath(path)
+    elif name == tmp or name.startswith(tmp + os.sep):
+        err.filename = os.fspath(path) + name[len(tmp):]
 
 
 def _sync_tree(root: str) -> None:
@@ -73,8 +92,13 @@ def _replace_directory(new: str, path: str) -> None:
 def replace_atomically(path: str, write: Callable[[str], None]) -> None:
     """`write(tmp_path)` into a temporary sibling, then rename: a reader never sees a partial file."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    prefix = f".{os.path.basename(path)}."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+    except OSError as err:
+        _as_destination(err, os.path.join(folder, prefix), path, whole=True)
+        raise
     os.close(fd)
     try:
         write(tmp)
@@ -82,9 +106,10 @@ def replace_atomically(path: str, write: Callable[[str], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the results from other users
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        _as_destination(err, tmp, path)
         raise
 
 
@@ -97,9 +122,3 @@ def write_json(path: str, obj: dict) -> None:
     replace_atomically(path, write)
 
 
-def write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text if text.endswith("\n") else text + "\n")
-
-    replace_atomically(path, write)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax.model.transformer import KVCache, Mixtral
+from mixtral_jax.model.transformer import KVCache, Mixtral, token_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,15 +100,20 @@ def _generate(graphdef, state, input_ids, attention_mask, sampling: SamplingConf
 
 def generate(model: Mixtral, input_ids, attention_mask=None, sampling: SamplingConfig = SamplingConfig(),
              eos_token_id: int | None = None) -> np.ndarray:
-    """input_ids [B, T] (left-padded when rows differ in length) -> new tokens [B, max_new_tokens].
+    """input_ids [B, T] (left-padded when rows differ in length), or [T]: one prompt, a batch of 1 -> new
+    tokens [B, max_new_tokens] (a [T] prompt gives [1, max_new_tokens]).
 
-    After a row's EOS the rest of that row is EOS. `eos_token_id=-1` never stops early.
+    Token ids, not text (tokenize first), each prompt at least one token; host ids (lists, numpy) must lie in
+    [0, vocab_size) (see `Mixtral.__call__`). After a row's EOS the rest of that row is EOS.
+    `eos_token_id=-1` never stops early.
     """
-    input_ids = jnp.asarray(input_ids, jnp.int32)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    input_ids, attention_mask = token_batch(input_ids, attention_mask, model.config.vocab_size)
+    if input_ids.shape[1] == 0:
+        raise ValueError(f"generate: an empty prompt (input_ids shape {tuple(input_ids.shape)}); each prompt needs "
+                         f"at least one token (e.g. BOS, id {model.config.bos_token_id})")
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, bool)
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     graphdef, state = nnx.split(model)
-    return np.asarray(_generate(graphdef, state, input_ids, jnp.asarray(attention_mask, bool), sampling, eos))
+    return np.asarray(_generate(graphdef, state, input_ids.astype(jnp.int32), jnp.asarray(attention_mask, bool),
+                                sampling, eos))

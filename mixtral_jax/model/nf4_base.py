@@ -25,20 +25,36 @@ def read(variable: nnx.Variable, dtype) -> jax.Array:
     return value.astype(dtype)
 
 
-def quantize_base(model: nnx.Module, targets: tuple[str, ...] = LINEAR_WEIGHTS) -> nnx.Module:
-    """Replaces the named frozen linear weights of the decoder layers by NF4 (in place; returns the model)."""
+NF4_MODES = {"nf4": True, "nf4-plain": False}  # quantize setting -> double quantisation (bnb's default for QLoRA)
+
+
+def quantize_base(model: nnx.Module, targets: tuple[str, ...] = LINEAR_WEIGHTS, *,
+                  double_quant: bool = True) -> nnx.Module:
+    """Replaces the named frozen linear weights of the decoder layers by NF4 (in place; returns the model),
+    with bitsandbytes' double quantisation of the block scales unless `double_quant` is False. Weights that
+    are NF4 already stay as they are."""
     for path, variable in nnx.iter_graph(model.layers):
         if isinstance(variable, nnx.Param) and not isinstance(variable, LoRAParam) and str(path[-1]) in targets:
             value = variable.get_value()
             if isinstance(value, NF4Weight):
                 continue
             axes = variable.get_metadata()["logical_axes"]
-            variable.set_value(quantize_weight(value, axes, leading=1))
+            variable.set_value(quantize_weight(value, axes, leading=1, double_quant=double_quant))
     return model
 
 
+def quantize_model(model: nnx.Module, quantize: str) -> nnx.Module:
+    """The `quantize` setting applied: "none" leaves the model as it is, "nf4" quantises its base to NF4 with
+    double quantisation, "nf4-plain" without."""
+    if quantize == "none":
+        return model
+    if quantize not in NF4_MODES:
+        raise ValueError(f"quantize must be none, {' or '.join(NF4_MODES)}, not {quantize!r}")
+    return quantize_base(model, double_quant=NF4_MODES[quantize])
+
+
 def base_nbytes(model: nnx.Module) -> tuple[int, int]:
-    """(bytes, parameters) of the frozen base as stored (NF4 weights at their packed size)."""
+    """(bytes, parameters) of the frozen base as stored (NF4 weights at their packed size, with their scales)."""
     total, count = 0, 0
     for _, variable in nnx.iter_graph(model):
         if isinstance(variable, nnx.Param) and not isinstance(variable, LoRAParam):
@@ -52,4 +68,4 @@ def base_nbytes(model: nnx.Module) -> tuple[int, int]:
     return total, count
 
 
-__all__ = ["base_nbytes", "quantize_base", "read"]
+__all__ = ["NF4_MODES", "base_nbytes", "quantize_base", "quantize_model", "read"]

@@ -12,6 +12,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mixtral_jax.config import MixtralConfig
@@ -106,13 +107,19 @@ class Mixtral(nnx.Module):
             self.lm_head = nnx.Param(init(rngs.params(), (config.hidden_size, config.vocab_size), pdtype),
                                      logical_axes=("embed", "vocab"))
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+    def __call__(self, input_ids: Any, attention_mask: Any = None,
                  cache: KVCache | None = None, layers: list[DecoderLayer] | None = None,
                  dropout_key: jax.Array | None = None, return_hidden: bool = False,
                  router_bias: jax.Array | None = None) -> MixtralOutput:
-        """input_ids [B, T]; attention_mask [B, T]: 1 = real token, 0 = padding (left padding for generation),
-        or, for packed training rows, segment ids 1, 2, 3, ... (nondecreasing along the row): attention stays
-        inside a segment and positions restart at each one.
+        """input_ids [B, T], or [T]: one sequence, run as a batch of 1 (the outputs keep the batch axis,
+        logits [1, T, V]); attention_mask of the same shape: 1 = real token, 0 = padding (left padding for
+        generation), or, for packed training rows, segment ids 1, 2, 3, ... (nondecreasing along the row):
+        attention stays inside a segment and positions restart at each one.
+
+        Host inputs (nested lists, numpy arrays) are checked here: integer ids in [0, vocab_size), or a
+        ValueError naming the range. JAX arrays (and whatever is traced under jit) are not: an id out of range
+        then silently reads another row of the embedding (JAX clamps a large index and counts a negative one
+        from the end); checking would wait on the device, and cannot raise under jit.
 
         `layers` (from `split_layers`) runs those modules, unrolled, instead of the stacked parameters.
         `dropout_key` turns on LoRA dropout (training). `return_hidden` skips the LM head and returns the
@@ -123,6 +130,7 @@ class Mixtral(nnx.Module):
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
+        input_ids, attention_mask = token_batch(input_ids, attention_mask, cfg.vocab_size)
         batch, length = input_ids.shape
         segments = (jnp.ones((batch, length), jnp.int32) if attention_mask is None
                     else attention_mask.astype(jnp.int32))
@@ -141,11 +149,7 @@ class Mixtral(nnx.Module):
         attn_mask = visibility(query_slots, segments, key_segments, cfg.sliding_window)
 
         x = constrain(self.embed_tokens[...].astype(dtype)[input_ids], ("batch", "length", "act_embed"))
-        if router_bias is not None:
-            router_bias = jnp.asarray(router_bias, jnp.float32)
-            expected = (cfg.num_hidden_layers, cfg.num_local_experts)
-            if router_bias.shape != expected:
-                raise ValueError(f"router_bias shape {router_bias.shape}: expected [layers, experts] = {expected}")
+        router_bias = None if router_bias is None else _checked_router_bias(router_bias, cfg)
         x, router_logits, new_kv, dropped = self._run_layers(x, positions, attn_mask, cache_kv, first_slot, layers,
                                                              dropout_key, router_bias)
         x = self.norm(x)
@@ -200,6 +204,62 @@ class Mixtral(nnx.Module):
         return x, router_logits, kv, dropped
 
 
+def token_batch(input_ids: Any, attention_mask: Any = None, vocab_size: int | None = None,
+                what: str = "input_ids") -> tuple[jax.Array, jax.Array | None]:
+    """(ids [B, T], mask [B, T] or None) from the caller's: a [T] sequence becomes a batch of 1; host
+    values (lists, numpy) become arrays, their ids checked to be integers in [0, vocab_size). JAX arrays keep
+    their values unchecked (no wait on the device, nothing to check under jit); only their shapes are."""
+    if isinstance(input_ids, jax.Array):
+        ids = input_ids
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"{what} must be integer token ids, got a {ids.dtype} array")
+    else:
+        ids = jnp.asarray(_host_token_ids(input_ids, vocab_size, what))
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2:
+        raise ValueError(f"{what} must be [batch, length] or [length], got shape {tuple(ids.shape)}")
+    if attention_mask is None:
+        return ids, None
+    mask = attention_mask if isinstance(attention_mask, jax.Array) else jnp.asarray(_host_mask(attention_mask))
+    if mask.ndim == 1:
+        mask = mask[None]
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from {what} shape {tuple(ids.shape)}")
+    return ids, mask
+
+
+def _host_token_ids(value: Any, vocab_size: int | None, what: str) -> np.ndarray:
+    """int32 ids from a nested list or numpy array, refused when not integers in [0, vocab_size)."""
+    try:
+        ids = np.asarray(value)
+    except ValueError:  # ragged rows
+        raise ValueError(f"{what}: rows of different lengths; pad them to one length (left padding for "
+                         f"generation) and pass attention_mask") from None
+    if ids.size == 0:
+        return ids.astype(np.int32)
+    if ids.dtype.kind in "USO":
+        raise ValueError(f"{what} must be integer token ids, not text or objects ({value!r:.60}); tokenize "
+                         f"text first (tokenizer.encode)")
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be integer token ids, got {ids.dtype}")
+    low, high = int(ids.min()), int(ids.max())
+    if vocab_size is not None and (low < 0 or high >= vocab_size):
+        bad = low if low < 0 else high
+        raise ValueError(f"{what}: token id {bad} is out of range [0, {vocab_size}) (vocab_size {vocab_size})")
+    return ids.astype(np.int32)
+
+
+def _host_mask(value: Any) -> np.ndarray:
+    try:
+        mask = np.asarray(value)
+    except ValueError:
+        raise ValueError("attention_mask: rows of different lengths") from None
+    if mask.size and mask.dtype.kind not in "biu":
+        raise ValueError(f"attention_mask must hold 1/0 (or True/False, or segment ids), got {mask.dtype}")
+    return mask if mask.dtype == bool else mask.astype(np.int32)
+
+
 def _stacked_layers(config: MixtralConfig, rngs: nnx.Rngs, lora: LoraConfig | None) -> DecoderLayer:
     @nnx.split_rngs(splits=config.num_hidden_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -211,6 +271,14 @@ def _stacked_layers(config: MixtralConfig, rngs: nnx.Rngs, lora: LoraConfig | No
         if isinstance(variable, nnx.Variable):
             variable.set_metadata("logical_axes", ("layers", *variable.get_metadata()["logical_axes"]))
     return layers
+
+
+def _checked_router_bias(router_bias, config: MixtralConfig) -> jax.Array:
+    router_bias = jnp.asarray(router_bias, jnp.float32)
+    expected = (config.num_hidden_layers, config.num_local_experts)
+    if router_bias.shape != expected:
+        raise ValueError(f"router_bias shape {router_bias.shape}: expected [layers, experts] = {expected}")
+    return router_bias
 
 
 def positions_in_segments(segments: jax.Array) -> jax.Array:

@@ -142,9 +142,13 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules: Mapping | None = None)
 
     def sharding_of(variable):
         value = variable.get_value()
-        if isinstance(value, NF4Weight):  # packed codes and scales shard by the weight's own logical axes
-            return variable.replace(jax.tree.map(
-                lambda leaf: NamedSharding(mesh, logical_to_spec(value.axes, leaf.shape, mesh, rules)), value))
+        if isinstance(value, NF4Weight):  # packed codes and block scales shard by the weight's own logical axes,
+            # double quantisation's per-tensor scales and offsets (a few per 256 blocks) are replicated
+            by_axes = jax.tree.map(
+                lambda leaf: NamedSharding(mesh, logical_to_spec(value.axes, leaf.shape, mesh, rules)), value)
+            small = {name: NamedSharding(mesh, PartitionSpec()) for name in ("absmax_scale", "offset")
+                     if getattr(value, name) is not None}
+            return variable.replace(by_axes.replace(**small))
         axes = variable.get_metadata().get("logical_axes", (None,) * len(value.shape))
         return variable.replace(NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules)))
 

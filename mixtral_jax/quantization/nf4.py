@@ -57,7 +57,7 @@ import numpy as np
 from flax import struct
 
 __all__ = ["NF4Tensor", "NF4_CODE", "DYNAMIC_CODE", "DQ_BLOCKSIZE", "quantize_nf4", "dequantize_nf4",
-           "dequantize_blocks", "block_absmax", "nbytes"]
+           "dequantize_blocks", "dequantize_absmax", "block_absmax", "nbytes"]
 
 # bitsandbytes' NF4 code book (fp32), sorted; index 7 is exact zero.
 NF4_CODE = np.array(
@@ -333,8 +333,17 @@ def block_absmax(q: NF4Tensor) -> jax.Array:
     """The fp32 scale of every block ([n_blocks]), rebuilt from the 8-bit form under double quantisation."""
     if not q.double_quant:
         return q.absmax
-    scale = jnp.repeat(q.absmax_scale, DQ_BLOCKSIZE)[: q.n_blocks]
-    return _no_fma(q.absmax_code[q.absmax_q.astype(jnp.int32)] * scale) + q.offset
+    return dequantize_absmax(q.absmax_q, q.absmax_scale, q.offset, q.absmax_code)
+
+
+def dequantize_absmax(absmax_q: jax.Array, absmax_scale: jax.Array, offset: jax.Array,
+                      code: jax.Array | None = None) -> jax.Array:
+    """Double quantisation's block scales, `code[absmax_q] * absmax_scale[i // 256] + offset` in fp32 (two
+    roundings, as bitsandbytes): `absmax_q` [..., n_blocks] uint8, `absmax_scale` [..., ceil(n_blocks / 256)],
+    `offset` [...], one tensor per leading index; `code` the signed 8-bit dynamic map (default DYNAMIC_CODE)."""
+    code = jnp.asarray(DYNAMIC_CODE if code is None else code)
+    scale = jnp.repeat(absmax_scale, DQ_BLOCKSIZE, axis=-1)[..., : absmax_q.shape[-1]]
+    return _no_fma(code[absmax_q.astype(jnp.int32)] * scale) + offset[..., None]
 
 
 def dequantize_blocks(packed: jax.Array, absmax: jax.Array) -> jax.Array:

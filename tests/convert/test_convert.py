@@ -3,6 +3,7 @@ on export, bad inputs refused cleanly, and the comparison command."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -243,3 +244,104 @@ def test_a_resized_vocabulary_is_carried_through(tmp_path, capsys):
     assert from_pretrained(orbax).embed_tokens.shape == (32768, 64)
     capsys.readouterr()
     assert main(["convert", "verify", hf, back]) == 0
+
+
+# ------------------------------------------------------------------------------------------------ dtypes
+def test_from_pretrained_takes_dtype_objects_and_short_forms(hf_dir):
+    """jnp and np dtypes (and "bf16"-style names, below); a bad one is blamed on the argument, not on
+    config.json."""
+    from mixtral_jax.errors import ConfigError
+
+    assert from_pretrained(hf_dir, dtype=jnp.bfloat16).embed_tokens[...].dtype == jnp.bfloat16
+    model = from_pretrained(hf_dir, dtype=np.float32)
+    assert (model.config.dtype, model.config.param_dtype) == ("float32", "float32")
+    for bad in ("float64", np.int8):
+        with pytest.raises(ConfigError, match=r"^from_pretrained: argument 'dtype': expected one of") as info:
+            from_pretrained(hf_dir, dtype=bad)
+        assert "config.json" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_save_pretrained_and_the_converters_take_dtype_objects_and_short_forms(hf_dir, orbax_dir, tmp_path):
+    import ml_dtypes
+
+    from convert.orbax_hf import hf_to_orbax, orbax_to_hf
+    from mixtral_jax.checkpoints.orbax_format import MARKER
+    from mixtral_jax.errors import ConfigError
+
+    assert from_pretrained(orbax_dir, dtype="bf16").config.param_dtype == "bfloat16"
+    assert from_pretrained(hf_dir, dtype=torch.float16).config.dtype == "float16"
+    model = from_pretrained(hf_dir)
+    with pytest.raises(ConfigError, match=r"^save_pretrained: argument 'dtype'"):
+        save_pretrained(model, tmp_path / "bad", dtype="fp64")
+    save_pretrained(model, tmp_path / "saved", dtype=ml_dtypes.bfloat16)
+    assert json.load(open(tmp_path / "saved" / "config.json"))["torch_dtype"] == "bfloat16"
+    hf_to_orbax(hf_dir, str(tmp_path / "orbax16"), dtype=jnp.float16, show_progress=False)
+    assert json.load(open(tmp_path / "orbax16" / MARKER))["dtype"] == "float16"
+    orbax_to_hf(orbax_dir, str(tmp_path / "hf"), dtype="bf16", show_progress=False)
+    assert {t.dtype for t in load_file(tmp_path / "hf" / "model.safetensors").values()} == {torch.bfloat16}
+    with pytest.raises(ConfigError, match=r"^orbax_to_hf: argument 'dtype'"):
+        orbax_to_hf(orbax_dir, str(tmp_path / "hf2"), dtype="double", show_progress=False)
+    assert leftovers(tmp_path / "bad") == [] and leftovers(tmp_path / "hf2") == []
+
+
+# ------------------------------------------------------------------------------------------------ disk faults
+def _failing_writes(monkeypatch, under, error):
+    """os.write (and O_CREAT opens, for EROFS) of files under `under` raise `error`; every other call is real."""
+    from mixtral_jax.io import direct_files
+
+    real_write, real_open = os.write, os.open
+
+    inside = str(under) + os.sep
+
+    def write(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(inside):
+            raise error
+        return real_write(fd, data)
+
+    def open_(path, flags, *args, **kwargs):
+        if getattr(error, "errno", None) == errno.EROFS and flags & os.O_CREAT and os.fspath(path).startswith(inside):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(direct_files.os, "write", write)
+    monkeypatch.setattr(direct_files.os, "open", open_)
+
+
+@pytest.mark.parametrize("command", ["hf-to-orbax", "orbax-to-hf"])
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EDQUOT])
+def test_a_full_or_read_only_disk_is_one_line_exit_1_and_no_output(hf_dir, orbax_dir, tmp_path, monkeypatch,
+                                                                    capsys, command, code):
+    """Not `BufferError: cannot close exported pointers exist` from the O_DIRECT stage's cleanup, nor a
+    traceback: the path and the cause; the temporary output removed."""
+    out = tmp_path / "out"
+    _failing_writes(monkeypatch, tmp_path, OSError(code, os.strerror(code)))
+    src = hf_dir if command == "hf-to-orbax" else orbax_dir
+    assert main(["convert", command, src, str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    cause = os.strerror(code)
+    assert err.startswith(f"mixtral-jax convert: error: {out}{os.sep}") and err.endswith(
+        f": {cause[0].lower()}{cause[1:]}\n"), err
+    assert err.count("\n") == 1 and "Buffer" not in err
+    assert leftovers(out) == []
+
+
+def test_an_output_folder_that_cannot_be_created_is_named(orbax_dir, tmp_path, monkeypatch, capsys):
+    """tempfile.mkdtemp's own error names the temporary sibling it tried: the message names OUT instead."""
+    from mixtral_jax.io import output_dir
+
+    def refused(prefix="", dir=None, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(dir, prefix + "x1y2"))
+
+    monkeypatch.setattr(output_dir.tempfile, "mkdtemp", refused)
+    out = tmp_path / "out"
+    assert main(["convert", "orbax-to-hf", orbax_dir, str(out), "--quiet"]) == 1
+    assert capsys.readouterr().err == f"mixtral-jax convert: error: {out}: permission denied\n"
+
+
+def test_ctrl_c_mid_conversion_is_exit_130_and_no_output(orbax_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    _failing_writes(monkeypatch, tmp_path, KeyboardInterrupt())
+    assert main(["convert", "orbax-to-hf", orbax_dir, str(out), "--quiet"]) == 130
+    assert capsys.readouterr().err == "mixtral-jax convert: interrupted\n"
+    assert leftovers(out) == []

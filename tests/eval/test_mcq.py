@@ -498,3 +498,22 @@ def test_cells_read_as_the_reference_pandas_reads_them(tmp_path):
         "id,question,A,B,C,D,answer\n0,q1,1.50,2,NA,None,A\n1,q2,3,4,c,d,B\n", encoding="utf-8")
     questions = mcq.read_split(str(tmp_path), "x", "val")
     assert [q.options for q in questions] == [("1.5", "2", "nan", "nan"), ("3.0", "4", "c", "d")]
+
+
+@pytest.mark.parametrize("benchmark", ["ceval", "mmlu"])
+def test_a_split_with_no_questions_is_refused_naming_the_file(tmp_path, capsys, benchmark):
+    """A header and no rows (or an empty MMLU file) is not "overall 0/0": the file is named, exit 2."""
+    from mixtral_jax.cli.main import main
+
+    root = write_fixture(tmp_path / "data", benchmark)
+    subject = SUBJECTS[0] if benchmark == "ceval" else MMLU_SUBJECTS[0]
+    path = tmp_path / "data" / "val" / f"{subject}_val.csv"
+    path.write_text("id,question,A,B,C,D,answer\n" if benchmark == "ceval" else "", encoding="utf-8")
+    with pytest.raises(mcq.MCQDataError, match=rf"{subject}_val\.csv: no questions"):
+        mcq.build_prompts(root, [subject], 0, False)
+    assert main(["eval", "mcq", "--model", TINY_MODEL_DIR, "--data", root, "--shots", "0", "--subjects", subject,
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: no questions" in err and err.count("\n") == 1
+    with pytest.raises(mcq.MCQDataError, match="no questions to evaluate"):
+        mcq.evaluate(None, None, root, prepared=([], []))

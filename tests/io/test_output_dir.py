@@ -62,3 +62,30 @@ def test_replace_atomically_keeps_the_old_file_on_failure(tmp_path):
     with pytest.raises(OSError):
         replace_atomically(str(path), broken)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_disk_errors_name_the_destination_not_the_temporary(tmp_path):
+    """A full disk while writing (or a folder that cannot be made) is reported about the path the caller
+    gave, which the user knows, not about the temporary sibling, which is gone by then."""
+    import errno
+
+    out = tmp_path / "model"
+    with pytest.raises(OSError) as info:
+        with output_directory(str(out)) as tmp:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(tmp, "a.safetensors"))
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(out / "a.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+    path = tmp_path / "metrics.json"
+
+    def full(tmp):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), tmp)
+
+    with pytest.raises(OSError) as info:
+        replace_atomically(str(path), full)
+    assert info.value.filename == str(path) and list(tmp_path.iterdir()) == []
+
+    with pytest.raises(OSError) as info:  # another file's error keeps its name
+        with output_directory(str(out)):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), "/elsewhere/x")
+    assert info.value.filename == "/elsewhere/x"

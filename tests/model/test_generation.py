@@ -107,3 +107,34 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(reference_dirs):
 def test_invalid_sampling_is_refused():
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0.0)
+
+
+SMALL = mj.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
+                         moe_backend="dense")
+
+
+@pytest.mark.parametrize("prompt, message", [
+    (["中国的首都是"], "token ids, not text.*tokenize"),
+    ("中国的首都是", "token ids, not text.*tokenize"),
+    ([[]], r"generate: an empty prompt \(input_ids shape \(1, 0\)\); each prompt needs at least one token"),
+    ([], "an empty prompt"),
+    ([[1, 64]], r"token id 64 is out of range \[0, 64\)"),
+], ids=["text", "string", "empty-row", "empty", "out-of-range"])
+def test_text_empty_and_out_of_range_prompts_are_refused_clearly(prompt, message):
+    from flax import nnx
+
+    model = nnx.eval_shape(lambda: mj.Mixtral(SMALL, rngs=nnx.Rngs(0)))  # refused before any computation
+    with pytest.raises(ValueError, match=message):
+        generate(model, prompt, sampling=SamplingConfig(max_new_tokens=2))
+
+
+@pytest.mark.slow
+def test_a_list_or_one_sequence_generates_as_a_batch_of_one():
+    from flax import nnx
+
+    model = mj.Mixtral(SMALL, rngs=nnx.Rngs(0))
+    sampling = SamplingConfig(max_new_tokens=3)
+    expected = generate(model, np.array([[1, 2, 3]], np.int32), sampling=sampling, eos_token_id=-1)
+    for prompt in ([[1, 2, 3]], [1, 2, 3], np.array([1, 2, 3])):
+        np.testing.assert_array_equal(generate(model, prompt, sampling=sampling, eos_token_id=-1), expected)

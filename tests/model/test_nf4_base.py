@@ -10,7 +10,7 @@ from flax import nnx
 
 import mixtral_jax as mj
 from mixtral_jax.model.lora import LoraConfig, LoRAParam
-from mixtral_jax.model.nf4_base import base_nbytes, quantize_base
+from mixtral_jax.model.nf4_base import base_nbytes, quantize_base, quantize_model
 from mixtral_jax.parallel import sharding
 from mixtral_jax.quantization.nf4_weight import (
     NF4Weight,
@@ -18,6 +18,7 @@ from mixtral_jax.quantization.nf4_weight import (
     quantize_weight,
 )
 from train.optim import OptimizerConfig, make_optimizer
+from train.plan import nf4_base_bytes
 from train.step import make_train_step
 
 CONFIG = mj.MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -26,10 +27,11 @@ CONFIG = mj.MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, 
 
 @pytest.mark.slow
 def test_a_weight_quantises_per_slice_exactly_as_bitsandbytes():
+    """Plain NF4 (double quantisation per tensor: tests/quantization/test_nf4_weight.py)."""
     import bitsandbytes.functional as bnbf
 
     weight = jax.random.normal(jax.random.key(0), (2, 8, 64, 128))  # [L, E, D, F]
-    q = quantize_weight(weight, ("layers", "experts", "embed", "mlp"), leading=1)
+    q = quantize_weight(weight, ("layers", "experts", "embed", "mlp"), leading=1, double_quant=False)
     assert q.packed.shape == (2, 8, 64, 64) and q.absmax.shape == (2, 8, 64, 2)
     for layer in range(2):
         ref_packed, state = bnbf.quantize_4bit(torch.from_numpy(np.array(weight[layer])), blocksize=64,
@@ -60,7 +62,8 @@ def test_quantised_model_computes_with_the_dequantised_weights():
     count = sum(int(np.prod(v.get_value().leading)) * int(np.prod(v.get_value().shape))
                 for _, v in nnx.iter_graph(quantised.layers)
                 if isinstance(v, nnx.Variable) and isinstance(v.get_value(), NF4Weight))
-    assert stored / count == pytest.approx(0.5625)  # 4 bits + one fp32 absmax per 64: 4.5 bits
+    # double-quantised: 4 bits, an 8-bit code per 64, per tensor an fp32 scale per 256 blocks and an offset
+    assert stored == nf4_base_bytes(CONFIG) and 8 * stored / count == pytest.approx(4.133, abs=1e-3)
     total, params = base_nbytes(quantised)
     assert total < 0.6 * 4 * params  # embeddings, LM head and norms stay fp32 here
 
@@ -90,7 +93,9 @@ def test_nf4_weights_shard_like_the_weights_they_replace():
     sharding.shard_model(model, mesh)
     w1 = model.layers.block_sparse_moe.w1.get_value()
     assert {s.data.shape for s in w1.packed.addressable_shards} == {(2, 2, 32, 64)}  # [L, E/4, D/2, F/2]
-    assert {s.data.shape for s in w1.absmax.addressable_shards} == {(2, 2, 32, 2)}
+    assert {s.data.shape for s in w1.absmax_q.addressable_shards} == {(2, 2, 32, 2)}  # codes: as the scales
+    assert w1.absmax_scale.sharding.is_fully_replicated and w1.offset.sharding.is_fully_replicated
+    assert w1.offset.shape == (2, 8, 1) and w1.absmax_scale.shape == (2, 8, 1)  # per expert: its own tensor
     reference = quantize_base(mj.Mixtral(CONFIG, rngs=nnx.Rngs(0)))
     ids = np.random.default_rng(2).integers(0, 96, (8, 6))
 
@@ -100,3 +105,39 @@ def test_nf4_weights_shard_like_the_weights_they_replace():
             return model(ids).logits
 
     np.testing.assert_allclose(np.asarray(logits(model, ids)), np.asarray(reference(ids).logits), atol=1e-5)
+
+
+def _abstract_base(config, quantize: str):
+    return nnx.eval_shape(lambda: quantize_model(mj.Mixtral(config, rngs=nnx.Rngs(0)), quantize))
+
+
+def _nf4_bytes_and_count(model) -> tuple[int, int]:
+    weights = [v.get_value() for _, v in nnx.iter_graph(model.layers)
+               if isinstance(v, nnx.Variable) and isinstance(v.get_value(), NF4Weight)]
+    return sum(w.nbytes for w in weights), sum(int(np.prod(w.leading)) * int(np.prod(w.shape)) for w in weights)
+
+
+@pytest.mark.slow
+def test_mixtral_8x7b_base_stores_4_127_bits_per_parameter():
+    """The abstract 8x7B base (shapes only): double-quantised by default, ~4.127 bits per quantised parameter
+    (bitsandbytes' double quantisation), ~2 GB less than plain NF4's 4.5; the plan's hand count agrees."""
+    config = mj.MixtralConfig.from_preset("mixtral-8x7b")
+    double, count = _nf4_bytes_and_count(_abstract_base(config, "nf4"))
+    plain, plain_count = _nf4_bytes_and_count(_abstract_base(config, "nf4-plain"))
+    assert count == plain_count and 46.3e9 < count < 46.5e9
+    assert 8 * plain / count == 4.5 and abs(8 * double / count - 4.127) < 1e-3
+    assert double == nf4_base_bytes(config) and plain == nf4_base_bytes(config, double_quant=False)
+    assert 2.0e9 < plain - double < 2.2e9
+    total, params = base_nbytes(_abstract_base(config, "nf4"))
+    assert total == double + 2 * (params - count)  # the rest (embeddings, LM head, norms) in bf16
+
+
+def test_quantize_settings():
+    plain = quantize_model(mj.Mixtral(CONFIG, rngs=nnx.Rngs(0)), "nf4-plain")
+    assert not plain.layers.self_attn.q_proj.get_value().double_quant
+    model = mj.Mixtral(CONFIG, rngs=nnx.Rngs(0))
+    assert quantize_model(model, "none") is model and not isinstance(model.layers.block_sparse_moe.w1.get_value(),
+                                                                      NF4Weight)
+    assert quantize_base(plain).layers.self_attn.q_proj.get_value().absmax is not None  # NF4 already: kept
+    with pytest.raises(ValueError, match="quantize must be"):
+        quantize_model(model, "nf8")

@@ -251,3 +251,67 @@ def test_router_bias_minus_inf_switches_an_expert_off_as_transformers_does(refer
     assert np.abs(np.asarray(plain.logits) - np.asarray(out.logits)).max() > 1e-3
     zero = model(jnp.asarray(ids), router_bias=jnp.zeros_like(jnp.asarray(bias)))
     np.testing.assert_array_equal(np.asarray(zero.logits), np.asarray(plain.logits))
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+SMALL = mj.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
+                         moe_backend="dense")
+
+
+def _abstract_model() -> mj.Mixtral:
+    """Shapes only: enough for inputs refused before any computation."""
+    return nnx.eval_shape(lambda: mj.Mixtral(SMALL, rngs=nnx.Rngs(0)))
+
+
+def test_token_batch_converts_host_inputs_and_one_sequence():
+    from mixtral_jax.model.transformer import token_batch
+
+    for value in ([[1, 2, 3]], [(1, 2, 3)], (1, 2, 3), [1, 2, 3], np.array([[1, 2, 3]]),
+                  np.array([1, 2, 3], np.uint8), jnp.array([1, 2, 3])):
+        ids, mask = token_batch(value, None, 64)
+        assert isinstance(ids, jax.Array) and ids.shape == (1, 3) and mask is None
+        np.testing.assert_array_equal(np.asarray(ids), [[1, 2, 3]])
+    ids, mask = token_batch([1, 2, 3], [0, 1, 1], 64)
+    assert mask.shape == (1, 3) and np.asarray(mask).tolist() == [[0, 1, 1]]
+    ids, mask = token_batch([[1, 2]], [[True, False]], 64)
+    assert mask.dtype == jnp.bool_
+    ids, _ = token_batch(jnp.array([[1, 64, -1]]), None, 64)  # a JAX array: documented as unchecked
+    np.testing.assert_array_equal(np.asarray(ids), [[1, 64, -1]])
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([[1, 64]], r"input_ids: token id 64 is out of range \[0, 64\) \(vocab_size 64\)"),
+    (np.array([[-1, 3]]), r"input_ids: token id -1 is out of range \[0, 64\)"),
+    ([["中国", "的"]], "not text.*tokenize"),
+    ("中国", "not text.*tokenize"),
+    ([[1.0, 2.0]], "integer token ids, got float64"),
+    ([[1, 2], [3]], "rows of different lengths"),
+    (np.zeros((1, 2, 3), np.int32), r"\[batch, length\] or \[length\], got shape \(1, 2, 3\)"),
+    (jnp.zeros((2,), jnp.float32), "integer token ids"),
+], ids=["too-large", "negative", "text", "string", "floats", "ragged", "3-d", "jax-floats"])
+def test_bad_host_inputs_are_refused_with_a_clear_message(ids, message):
+    with pytest.raises(ValueError, match=message):
+        _abstract_model()(ids)
+
+
+def test_a_mask_must_fit_the_ids():
+    model = _abstract_model()
+    with pytest.raises(ValueError, match=r"attention_mask shape \(1, 2\) differs from input_ids shape \(1, 3\)"):
+        model([[1, 2, 3]], [[1, 1]])
+    with pytest.raises(ValueError, match="attention_mask must hold"):
+        model([[1, 2, 3]], [["a", "b", "c"]])
+
+
+@pytest.mark.slow
+def test_lists_numpy_and_one_sequence_compute_what_an_array_does():
+    """Host inputs become arrays, a [T] sequence is a batch of 1, a list mask is taken; a JAX array is not
+    checked (no wait on the device) and runs, eagerly or under jit."""
+    model = mj.Mixtral(SMALL, rngs=nnx.Rngs(0))
+    expected = np.asarray(model(jnp.asarray([[1, 2, 3]], jnp.int32)).logits)
+    for ids in ([[1, 2, 3]], [1, 2, 3], np.array([1, 2, 3], np.int64)):
+        np.testing.assert_allclose(np.asarray(model(ids).logits), expected, atol=1e-6, rtol=0)
+    padded = np.asarray(model([[7, 1, 2, 3]], [[0, 1, 1, 1]]).logits)  # left padding: the same real tokens
+    np.testing.assert_allclose(padded[:, 1:], expected, atol=1e-5, rtol=0)
+    assert model(jnp.array([[1, 64, 3]])).logits.shape == (1, 3, 64)
+    assert jax.jit(lambda ids: model(ids).logits)(np.array([[1, 2, 3]])).shape == (1, 3, 64)

@@ -20,7 +20,8 @@ from mixtral_jax.data.corpora import (
 )
 from mixtral_jax.data.texts import DataError, read_texts
 from mixtral_jax.data.tokenizer import default_tokenizer_path, load_tokenizer
-from train.data import BatchIterator, pretrain_blocks, pretrain_dataset
+from mixtral_jax.errors import ConfigError
+from train.data import BatchIterator, batch_split, pretrain_blocks, pretrain_dataset
 from train.sft import build_sft, pack_examples, pad_examples, read_alpaca, sft_example
 
 # The settings of Mixtral-8x7B's tokenizer_config.json that matter here (transformers 5 adds no BOS for a bare
@@ -166,6 +167,24 @@ def test_iterator_errors():
     with pytest.raises(DataError, match="does not fit"):
         BatchIterator(_arrays(), 8, process_index=0, process_count=1).restore({"epoch": 0, "position": 7,
                                                                               "seed": 0})
+
+
+def test_too_few_examples_name_the_sources():
+    with pytest.raises(DataError, match=r"^/data/a\.txt, b\.jsonl: 0 examples are fewer than one global batch of 8$"):
+        BatchIterator(pretrain_dataset(np.zeros((0, 4), np.int32)), 8, process_index=0, process_count=1,
+                      sources=["/data/a.txt", "b.jsonl"])
+
+
+def test_batch_split_follows_the_sharding_rules_batch_axes():
+    assert batch_split({"data": 2, "fsdp": 2, "expert": 2, "tensor": 2}, 16) == 8  # tensor does not split it
+    assert batch_split({"tensor": 4}, 6) == 1
+    with pytest.raises(ConfigError, match="^batch_size 6 is not divisible by data x fsdp x expert = 4, the axes "):
+        batch_split({"data": 4}, 6)
+    with pytest.raises(ConfigError, match="batch_size 8 as 4 micro-batches of 2 rows: 2 is not divisible by data x "
+                                          "fsdp x expert = 4"):
+        batch_split({"fsdp": 2, "expert": 2}, 8, micro_batches=4)
+    with pytest.raises(ValueError, match="^--batch 6 is not"):
+        batch_split({"data": 4}, 6, what="--batch", error=ValueError)
 
 
 # --- instruction tuning ---------------------------------------------------------------------------------------

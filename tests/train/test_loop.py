@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from mixtral_jax.checkpoints import pretrained
 from mixtral_jax.checkpoints import run_manifest as runs
 from mixtral_jax.checkpoints import run_state as checkpoint
 from mixtral_jax.data.corpora import peoples_daily
+from mixtral_jax.errors import CheckpointError
 from tests.helpers.gcs_emulator import fake_gcs
 from train import loop
 from train.config import ConfigError, load_config
@@ -162,9 +164,58 @@ def test_from_pretrained_run_dir_gives_the_trained_model_and_merging_keeps_its_l
 
 
 @pytest.mark.slow
-def test_a_run_dir_of_another_model_is_refused(straight, corpus):
-    with pytest.raises(ConfigError, match="model.json: this run directory trains another model"):
+def test_a_run_dir_of_another_model_is_refused_naming_the_fields(straight, corpus):
+    with pytest.raises(ConfigError, match="cannot resume from step 12 with this config: lora.rank: 16 -> 4 "
+                                          "\\(cannot change: the checkpoints hold the old shapes"):
         _run(straight[0], corpus, "lora.rank=4")
+
+
+@pytest.mark.slow
+def test_a_resume_refuses_changes_that_break_it_unless_allowed_and_records_them(straight, corpus, tmp_path):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(straight[0], run_dir)
+    with pytest.raises(ConfigError, match="data.seq_len: 32 -> 16; steps: 12 -> 14 \\(breaks exact resume; allow "
+                                          "with resume.allow_changes=\\[data.seq_len,steps\\]\\)"):
+        _run(run_dir, corpus, "steps=14", "data.seq_len=16")
+    summary = _run(run_dir, corpus, "steps=14", "resume.allow_changes=[steps]")
+    assert summary["start_step"] == 12 and summary["end_step"] == 14
+    with open(os.path.join(run_dir, "changes.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    assert [(r["step"], r["key"], r["old"], r["new"], r["via_allow_changes"]) for r in rows] == [
+        (12, "steps", 12, 14, True)]
+    assert load_config(os.path.join(run_dir, "config.yaml")).steps == 14
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_is_named_and_resume_falls_back_keeping_it_aside(straight, corpus, tmp_path,
+                                                                                    capsys):
+    """checkpoints/12 truncated: from_pretrained and export-peft name it in one line; the trainer resumes from
+    step 8, moves 12 aside (renamed, not deleted, no longer listed) and ends as the uninterrupted run did."""
+    from mixtral_jax.cli.main import main
+
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(straight[0], run_dir)
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    for root, _, files in os.walk(os.path.join(checkpoints, "12", "params")):
+        for name in files:
+            os.truncate(os.path.join(root, name), os.path.getsize(os.path.join(root, name)) // 2)
+    damaged = "checkpoints/12: the checkpoint of step 12 cannot be restored"
+    with pytest.raises(CheckpointError, match=damaged + ".*other checkpoints: \\[4, 8\\]"):
+        mj.from_pretrained(run_dir)
+    capsys.readouterr()
+    assert main(["convert", "export-peft", run_dir, str(tmp_path / "adapter")]) == 2
+    err = capsys.readouterr().err
+    assert damaged in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+    messages = []
+    summary = loop.train(load_config("pretrain_tiny", _overrides(run_dir, corpus)), log=messages.append)
+    assert summary["start_step"] == 8 and summary["end_step"] == STEPS
+    assert any(damaged in m and "resuming from step 8" in m for m in messages), messages
+    assert any("moved aside to" in m and "12.damaged-" in m for m in messages), messages
+    aside = [name for name in os.listdir(checkpoints) if name.startswith("12.damaged-")]
+    assert len(aside) == 1 and os.listdir(os.path.join(checkpoints, aside[0]))  # kept, files and all
+    assert sorted(checkpoint.open_manager(run_dir).all_steps()) == [4, 8, 12]
+    assert _losses(run_dir) == _losses(straight[0])  # bit for bit, steps 9-12 after the fall-back
 
 
 @pytest.mark.slow

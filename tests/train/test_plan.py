@@ -9,11 +9,12 @@ import sys
 
 import jax
 import pytest
+from flax import nnx
 
 from mixtral_jax.cli.main import main
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.parallel.sharding import MeshError, mesh_device_count
-from train.plan import config_param_count, with_device_count
+from train.plan import config_param_count, nf4_base_bytes, with_device_count
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -80,8 +81,9 @@ def test_mixtral_8x7b_plans_on_eight_simulated_devices(tmp_path):
     config = MixtralConfig.from_preset("mixtral-8x7b")
     assert plan["devices"] == 8 and plan["param_dtype"] == "bfloat16" and plan["remat_policy"] == "full"
     assert 46.6e9 < plan["param_count"] < 46.8e9  # Mixtral-8x7B's 46.7B
-    check_against_hand_count(plan, config, param_bytes=2)
-    assert plan["bytes"]["params"] / 2**30 == pytest.approx(12.0, abs=0.1)   # 93.4 GB of bf16 over 8, ~2x
+    assert plan["master_dtype"] == "float32"  # bf16 compute, the trained weights held as fp32 masters
+    check_against_hand_count(plan, config, param_bytes=4)
+    assert plan["bytes"]["params"] / 2**30 == pytest.approx(24.0, abs=0.1)   # 186.8 GB of fp32 over 8, ~2x
     assert not plan["fits"]["H100"]["fits"]  # full AdamW fine-tuning needs more than 8 x 80 GB
 
 
@@ -96,8 +98,11 @@ def test_qlora_plan_of_mixtral_8x7b_counts_adapters_and_the_nf4_base(tmp_path):
     assert hand["matches"] and b["params"] == hand["params"] and b["frozen"] == hand["frozen"]
     # r 64 on q, k, v, o, router and every expert's w1, w2, w3: 0.97B adapter parameters, 2.1% of the model.
     assert 0.96e9 < hand["adapter_count"] < 0.98e9
-    # The NF4 base: 4.5 bits for the layers' linear weights (46.4B), bf16 embeddings and LM head: 26.6 GB.
-    assert 26.5e9 < hand["frozen_total"] < 26.8e9
+    # The NF4 base: ~4.127 bits (bitsandbytes' double quantisation) for the layers' linear weights (46.4B), bf16
+    # embeddings and LM head: 24.5 GB (plain NF4's 4.5 bits: 26.6 GB).
+    assert hand["frozen_total"] == nf4_base_bytes(MixtralConfig.from_preset("mixtral-8x7b")) + 2 * 2 * 32000 * 4096 \
+        + 2 * (2 * 32 + 1) * 4096
+    assert 24.4e9 < hand["frozen_total"] < 24.6e9
     assert b["optimizer"] == 2 * b["params"] + 8  # fp32 moments of fp32 adapters; Adam's and the schedule's counts
     assert plan["fits"]["TPU v5e"]["fits"]  # QLoRA of Mixtral-8x7B fits eight 16 GB chips
 
@@ -125,6 +130,21 @@ def test_plan_counts_the_state_of_the_optimizer_train_steps_with(monkeypatch):
     assert calls == [request.optimizer] and result.state_dtype == "bfloat16" and result.optimizer == "adamw"
     # mu and nu in bf16 are together the fp32 parameters' bytes; plus the two int32 step counts.
     assert result.bytes["optimizer"] == result.hand["optimizer"] == result.bytes["params"] + 8
+
+
+def test_qlora_hand_count_counts_the_double_quantised_nf4_base():
+    """The frozen NF4 weights the plan compiles with are quantize_base's (double-quantised): nf4_base_bytes,
+    the hand count's figure, is their size exactly."""
+    from mixtral_jax.model.lora import LoraConfig
+    from mixtral_jax.quantization.nf4_weight import NF4Weight
+    from train.plan import _abstract_model
+
+    config = MixtralConfig.from_preset("tiny")
+    model = _abstract_model(config, LoraConfig())
+    weights = [v.get_value() for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)
+               and isinstance(v.get_value(), NF4Weight)]
+    assert weights and all(w.double_quant for w in weights)
+    assert sum(w.nbytes for w in weights) == nf4_base_bytes(config) < nf4_base_bytes(config, double_quant=False)
 
 
 def test_plan_request_refuses_an_empty_batch():

@@ -169,3 +169,54 @@ def test_lora_dropout_is_seeded_and_off_without_a_key():
     first, again, other = (float(step.grads(params, batch, frozen, jax.random.key(seed))[1]["loss"])
                            for seed in (1, 1, 2))
     assert first == again and first != other and first != plain
+
+
+def _movement(params, before) -> float:
+    """Mean |after - before| over every trained weight, in fp32."""
+    deltas = [np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).ravel()
+              for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before))]
+    return float(np.mean(np.concatenate(deltas)))
+
+
+def _train_small_steps(model, master_dtype, steps=20):
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-5, warmup_ratio=0.0, weight_decay=0.0),
+                               total_steps=1000)
+    step = make_train_step(model, optimizer, _mesh(), (8, 12), master_dtype=master_dtype)
+    params, frozen = step.split(model)
+    before = jax.device_get(params)
+    opt_state, batch = step.init_opt_state(params), _batch()  # one batch: the updates keep their sign
+    for _ in range(steps):
+        params, opt_state, _ = step.step(params, opt_state, batch, frozen, None)
+    return jax.device_get(params), before
+
+
+@pytest.mark.slow
+def test_fp32_master_weights_let_bf16_weights_move_as_an_fp32_run_does():
+    """AdamW steps of ~1e-5 on weights of ~0.02, whose bf16 spacing is ~1e-4: held as fp32 master weights (the
+    default) they add up as in an all-fp32 run of the same start; held in bf16 each update rounds away."""
+    bf16 = CONFIG.replace(dtype="bfloat16", param_dtype="bfloat16")
+    model = mj.Mixtral(bf16, rngs=nnx.Rngs(0))
+    reference = mj.Mixtral(CONFIG, rngs=nnx.Rngs(0))
+    nnx.update(reference, jax.tree.map(lambda x: x.astype(jnp.float32), nnx.state(model, nnx.Param)))
+
+    fp32_params, fp32_before = _train_small_steps(reference, None)
+    master_params, master_before = _train_small_steps(model, "float32")
+    bf16_params, bf16_before = _train_small_steps(model, None)
+
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(master_params))  # the masters, not the bf16 copy
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bf16_params))
+    expected = _movement(fp32_params, fp32_before)
+    assert expected > 1e-4  # the updates add up to about a bf16 spacing of these weights
+    assert _movement(master_params, master_before) == pytest.approx(expected, rel=0.25)
+    assert _movement(bf16_params, bf16_before) < 0.3 * expected
+
+
+def test_master_weights_widen_only_narrower_floats():
+    from train.step import in_dtypes, master_weights
+
+    params = {"w": jnp.ones((2,), jnp.bfloat16), "b": jnp.ones((2,), jnp.float32), "i": jnp.ones((2,), jnp.int32)}
+    held = master_weights(params, "float32")
+    assert {k: v.dtype for k, v in held.items()} == {"w": jnp.float32, "b": jnp.float32, "i": jnp.int32}
+    assert master_weights(params, None) is params
+    back = in_dtypes(held, jax.tree.map(lambda x: x.dtype, params))
+    assert {k: v.dtype for k, v in back.items()} == {k: v.dtype for k, v in params.items()}
