@@ -25,8 +25,10 @@ demo: $(VENV)/.base
 pipeline: $(VENV)/.test
 	$(VENV)/bin/mixtral-jax pipeline
 
+# Two processes (the trainer's tests apart), so that no one process compiles the whole suite's XLA programs.
 test: $(VENV)/.test
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --ignore=tests/train
+	$(VENV)/bin/pytest -q tests/train
 
 # Tests marked slow (subprocess runs, whole training runs, Pallas interpret mode) are left out.
 test-quick: $(VENV)/.test

@@ -3,7 +3,8 @@
 Each stage is one documented `mixtral-jax` command, run as its own process (printed before it runs, so any
 stage can be rerun by hand; each starts with the accelerator's memory free), or a check run in this process.
 A stage that finishes leaves a marker (`.done/NAME.json`, with its seconds); a later run skips every marked
-stage, and a training stage that was killed resumes from its own checkpoints. Stage outputs are written whole and renamed, so a kill never leaves a half-written one behind.
+stage, and a training stage that was killed resumes from its own checkpoints. Stage outputs are written
+whole and renamed, so a kill never leaves a half-written one behind; a stage's process dies with the pipeline.
 """
 
 from __future__ import annotations
@@ -32,9 +33,20 @@ def run_command(argv: list[str]) -> None:
     """`mixtral-jax ARGV` as a child process, echoed first; a non-zero exit is a PipelineError."""
     line = "mixtral-jax " + shlex.join(argv)
     print(f"$ {line}", file=sys.stderr, flush=True)
-    code = subprocess.run([sys.executable, "-m", "mixtral_jax.cli", *argv]).returncode
+    code = subprocess.run([sys.executable, "-m", "mixtral_jax.cli", *argv], preexec_fn=_die_with_parent).returncode
     if code:
         raise PipelineError(f"`{line}` exited with status {code}")
+
+
+def _die_with_parent() -> None:
+    """In the stage's process before it starts: on Linux, the kernel kills it when the pipeline dies (a
+    SIGKILLed pipeline must not leave a training stage running that holds its run directory's lock)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class Paths:

@@ -6,6 +6,7 @@ imports it. Tests marked `slow` (subprocess runs, whole training runs, Pallas in
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -60,3 +61,12 @@ def reference_dirs(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs_after_each_module():
+    """A whole-suite process otherwise keeps every XLA program it compiled (hundreds: their code mappings
+    add up towards the kernel's per-process limit, where XLA's compiler aborts the process)."""
+    yield
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()

@@ -219,7 +219,7 @@ def test_training_the_extended_model_then_exporting_it(extended, tmp_path):
     run_dir = str(tmp_path / "run")
     config = load_config("pretrain_tiny", [
         f"run_dir={run_dir}", f"model.path={out}", "model.quantize=none", "lora.enabled=false", "steps=2",
-        "batch_size=4", "log_every=1", "save_every=2", "eval_every=0", "progress=false", "data.seq_len=32",
+        "batch_size=8", "log_every=1", "save_every=2", "eval_every=0", "progress=false", "data.seq_len=32",
         f"data.train=[{data}]", "data.eval=[]", "peak_tflops=0.1"])
     lines = []
     result = loop.train(config, log=lines.append)
