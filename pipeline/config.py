@@ -20,10 +20,20 @@ class EnglishSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class StageData:
+    """A training stage's sources, prepared once into stores (stage data) that the run reads."""
+    train: tuple[str, ...] = setting_list(("bundled:peoples-daily",), "training sources")
+    eval: tuple[str, ...] = setting_list(("bundled:peoples-daily-heldout",), "held-out sources (may be empty)")
+    replay: tuple[str, ...] = setting_list((), "pre-training: sources mixed in (set data.replay_share in overrides)")
+    seq_len: int = setting(128, "tokens per sequence (the run's data.seq_len)", min=2)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainStage:
     config: str = setting("pretrain_tiny", "`mixtral-jax train` preset name or YAML file")
-    overrides: tuple[str, ...] = setting_list((), "`mixtral-jax train` overrides (model.path and run_dir are set "
-                                                  "by the pipeline)")
+    overrides: tuple[str, ...] = setting_list((), "`mixtral-jax train` overrides (model.path, run_dir and the "
+                                                  "data sources are set by the pipeline)")
+    data: StageData = dataclasses.field(default_factory=StageData)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +52,9 @@ class PipelineConfig:
                                   "learns English (stage english)")
     english: EnglishSection = dataclasses.field(default_factory=EnglishSection)
     pretrain: TrainStage = dataclasses.field(default_factory=TrainStage)
-    sft: TrainStage = dataclasses.field(default_factory=lambda: TrainStage(config="sft_tiny"))
+    sft: TrainStage = dataclasses.field(default_factory=lambda: TrainStage(
+        config="sft_tiny", data=StageData(train=("bundled:hsk-instructions",),
+                                          eval=("bundled:hsk-instructions-heldout",))))
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     export_dtype: Literal["keep", "float32", "bfloat16"] = setting("keep", "dtype of the released HF weights")
     check_atol: float = setting(1e-4, "largest logit difference accepted between transformers and us (fp32)",

@@ -62,6 +62,7 @@ class Paths:
         self.pretrain = os.path.join(work, "pretrain")
         self.sft = os.path.join(work, "sft")
         self.release = os.path.join(work, "release")
+        self.data = os.path.join(work, "data")
         self.check = os.path.join(work, "check.json")
         self.markers = os.path.join(work, ".done")
 
@@ -82,8 +83,24 @@ def evaluation_commands(config: PipelineConfig, paths: Paths, model: str, out: s
     return commands
 
 
-def train_command(stage, base: str, run_dir: str) -> list[str]:
-    return ["train", stage.config, f"model.path={base}", f"run_dir={run_dir}", *stage.overrides]
+def _stores(paths: Paths, name: str, stage) -> dict[str, str]:
+    """role (train, eval, replay) -> the prepared store of a training stage's sources, for each role it has."""
+    return {role: os.path.join(paths.data, f"{name}-{role}") for role in ("train", "eval", "replay")
+            if getattr(stage.data, role)}
+
+
+def prepare_commands(paths: Paths, name: str, stage) -> list[list[str]]:
+    """`data prepare` of each of the stage's source lists, with the base's tokenizer."""
+    kind = "pretrain" if name == "pretrain" else "sft"
+    return [["data", "prepare", *getattr(stage.data, role), "--out", out, "--kind",
+             "pretrain" if role == "replay" else kind, "--seq-len", str(stage.data.seq_len), "--model", paths.base_hf]
+            for role, out in _stores(paths, name, stage).items()]
+
+
+def train_command(paths: Paths, name: str, stage, base: str, run_dir: str) -> list[str]:
+    stores = _stores(paths, name, stage)
+    return ["train", stage.config, f"model.path={base}", f"run_dir={run_dir}", f"data.seq_len={stage.data.seq_len}",
+            *(f"data.{role}=[{stores.get(role, '')}]" for role in ("train", "eval", "replay")), *stage.overrides]
 
 
 def build_stages(config: PipelineConfig, paths: Paths) -> list[Stage]:
@@ -108,12 +125,15 @@ def build_stages(config: PipelineConfig, paths: Paths) -> list[Stage]:
                         "--overwrite", "--quiet"])),
         Stage("eval-base", "the base before adaptation",
               commands(*evaluation_commands(config, paths, paths.base_hf, paths.evaluation("base")))),
+        Stage("data", "the training stages' sources tokenised once into prepared stores",
+              commands(*prepare_commands(paths, "pretrain", config.pretrain),
+                       *prepare_commands(paths, "sft", config.sft))),
         Stage("pretrain", "QLoRA continued pre-training on Chinese",
-              commands(train_command(config.pretrain, paths.base_nf4, paths.pretrain))),
+              commands(train_command(paths, "pretrain", config.pretrain, paths.base_nf4, paths.pretrain))),
         Stage("eval-pretrained", "the model after pre-training on Chinese",
               commands(*evaluation_commands(config, paths, paths.pretrain, paths.evaluation("pretrained")))),
         Stage("sft", "instruction tuning (adapters of pre-training merged, new ones trained)",
-              commands(train_command(config.sft, paths.pretrain, paths.sft))),
+              commands(train_command(paths, "sft", config.sft, paths.pretrain, paths.sft))),
         Stage("eval-adapted", "the adapted model",
               commands(*evaluation_commands(config, paths, paths.sft, paths.evaluation("adapted")))),
         Stage("release", "LoRA merged onto the full-precision base, written as an HF directory",

@@ -70,3 +70,23 @@ def _drop_compiled_programs_after_each_module():
     yield
     if "jax" in sys.modules:
         sys.modules["jax"].clear_caches()
+
+
+@pytest.fixture(scope="session")
+def sp():
+    """Mixtral's SentencePiece tokenizer as the library loads it."""
+    from mixtral_jax.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+@pytest.fixture(scope="session")
+def hf(tmp_path_factory):
+    """The same tokenizer through transformers, as Chinese-Mixtral's scripts load it."""
+    from transformers import AutoTokenizer
+
+    from tests.helpers.tokenizers import hf_tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(hf_tokenizer_dir(tmp_path_factory.mktemp("hf_tok")))
+    assert len(tok) == 32000 and (tok.bos_token_id, tok.eos_token_id) == (1, 2)
+    return tok

@@ -1,5 +1,5 @@
-"""Pre-training data: how texts (read by `mixtral_jax.data.texts`) become fixed-size token blocks (as Chinese-Mixtral's
-`run_clm_pt_with_peft.py` builds them), and the shuffled, resumable, per-host batch iterator shared with SFT.
+"""A run's data: its sources (prepared stores or raw sources) as training rows (mixtral_jax/data/sequences.py),
+and the shuffled, resumable, per-host batch iterator over them.
 
 Data stays in numpy: it is read on the host, and each host hands only its own rows to the device mesh, split
 over the mesh's batch axes (`batch_split` checks that a global batch divides evenly over them).
@@ -8,12 +8,26 @@ over the mesh's batch axes (`batch_split` checks that a global batch divides eve
 from __future__ import annotations
 
 import math
-from itertools import chain, islice
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
+import grain
 import numpy as np
 
-from mixtral_jax.data.texts import DataError
+from mixtral_jax.data import sft, store
+from mixtral_jax.data.pretrain import pretrain_blocks
+from mixtral_jax.data.sequences import (
+    BlockRows,
+    Blocks,
+    Concatenated,
+    Examples,
+    PackedRows,
+    PaddedRows,
+    Repeated,
+    Rows,
+    replay_count,
+)
+from mixtral_jax.data.texts import DataError, read_texts
+from mixtral_jax.data.tokenizer import identity
 from mixtral_jax.errors import ConfigError
 from mixtral_jax.parallel.distributed import host_rows
 from mixtral_jax.parallel.sharding import default_rules
@@ -37,81 +51,74 @@ def batch_split(mesh_shape: Mapping[str, int], batch: int, micro_batches: int = 
     return shards
 
 
-def pretrain_blocks(texts: Iterable[str], tokenizer, block_size: int = 1024, group_lines: int = 1000,
-                    add_eos: bool = True) -> np.ndarray:
-    """int32 [N, block_size] token blocks, built as Chinese-Mixtral's run_clm_pt_with_peft.py builds them.
-
-    Each line is tokenised with BOS and, because their script sets `tokenizer.add_eos_token = True`, EOS.
-    Their `group_texts` runs under `datasets.map(batched=True)`, so lines are concatenated and cut per chunk
-    of `group_lines` (1000, map's default batch size) lines, and each chunk's remainder is dropped. Unlike
-    theirs, a chunk shorter than one block is dropped too (they keep it as one short block) so every block
-    has the same shape. (With their `num_proc=8` the chunks restart at each of the 8 shards; here they run
-    over the whole stream.)
-    """
-    eos = [tokenizer.eos_id] if add_eos else []
-    blocks = []
-    lines = iter(texts)
-    while chunk := list(islice(lines, group_lines)):
-        ids = list(chain.from_iterable(tokenizer.encode(text, add_bos=True) + eos for text in chunk))
-        usable = len(ids) // block_size * block_size
-        if usable:
-            blocks.append(np.asarray(ids[:usable], dtype=np.int32).reshape(-1, block_size))
-    if not blocks:
-        return np.zeros((0, block_size), np.int32)
-    return np.concatenate(blocks)
-
-
-def mix_replay(blocks: np.ndarray, replay: np.ndarray, share: float) -> np.ndarray:
-    """`blocks` followed by replay blocks making up `share` of the result, the replay blocks repeated in
-    order as often as needed (an old language mixed into continued pre-training so the model keeps it)."""
-    if not 0 <= share < 1:
-        raise DataError(f"replay share {share}: must be in [0, 1)")
-    count = round(share / (1 - share) * len(blocks))
-    if count == 0:
-        return blocks
-    if len(replay) == 0:
-        raise DataError("the replay sources give no block of seq_len tokens")
-    return np.concatenate([blocks, np.resize(replay, (count, replay.shape[1]))])
+def load_rows(config, sources: Sequence[str], tokenizer, replay: bool = False) -> tuple[Rows, int]:
+    """The training rows of `sources` and how many SFT samples were dropped. Prepared stores (a directory with
+    a manifest, mixtral_jax/data/store.py) are memory-mapped after checking they fit the run; raw sources are
+    tokenised here, in memory (small data, tests). With `replay`, pre-training blocks of `data.replay` make up
+    `data.replay_share` of the result."""
+    data = config.data
+    prepared = [store.is_store(source) for source in sources]
+    if any(prepared) and not all(prepared):
+        raise DataError(f"{', '.join(sources)}: prepared stores and raw sources mixed; prepare them all "
+                        "(mixtral-jax data prepare) or none")
+    if all(prepared):
+        rows, dropped = _store_rows(config, sources, tokenizer)
+    elif data.kind == "pretrain":
+        texts = (text for source in sources for text in read_texts(source, data.text_field))
+        rows, dropped = BlockRows(Blocks([pretrain_blocks(texts, tokenizer, data.seq_len, data.group_lines)],
+                                         data.seq_len)), 0
+    else:
+        records = [record for source in sources for record in sft.read_alpaca(source)]
+        pairs, dropped = sft.build_sft(records, tokenizer, data.seq_len)
+        rows = _example_rows(config, Examples.from_pairs(pairs), tokenizer)
+    if replay and data.kind == "pretrain" and data.replay and data.replay_share:
+        count = replay_count(len(rows), data.replay_share)
+        rows = Concatenated([rows, Repeated(load_rows(config, data.replay, tokenizer)[0], count)])
+    return rows, dropped
 
 
-def pretrain_dataset(blocks: np.ndarray) -> dict[str, np.ndarray]:
-    """Causal-LM rows: labels are the inputs (the loss shifts them) and every token is attended to."""
-    blocks = np.asarray(blocks, dtype=np.int32)
-    return {"input_ids": blocks, "labels": blocks.copy(), "attention_mask": np.ones_like(blocks)}
+def _example_rows(config, examples: Examples, tokenizer) -> Rows:
+    arrange = PackedRows if config.data.packing else PaddedRows
+    return arrange(examples, config.data.seq_len, tokenizer.eos_id)
+
+
+def _store_rows(config, sources: Sequence[str], tokenizer) -> tuple[Rows, int]:
+    parts, dropped = [], 0
+    for source in sources:
+        manifest, sequences = store.open_store(source)
+        store.check_fits(source, manifest, config.data.kind, config.data.seq_len, identity(tokenizer))
+        dropped += manifest["counts"].get("dropped", 0)
+        parts.append(BlockRows(sequences) if manifest["kind"] == "pretrain"
+                     else _example_rows(config, sequences, tokenizer))
+    return (parts[0] if len(parts) == 1 else Concatenated(parts)), dropped
 
 
 class BatchIterator:
-    """Endless global batches of `global_batch` rows over in-memory arrays, reshuffled each epoch.
+    """Endless global batches of `global_batch` rows, reshuffled each epoch; each host reads only its rows.
 
-    The order of epoch e is `default_rng([seed, e]).permutation(N)`, so it depends on nothing but the seed,
-    which is what lets `restore` resume exactly. The last incomplete global batch of an epoch is dropped.
-    Each host gets only its rows of each global batch (`mixtral_jax.parallel.distributed.host_rows`).
-    `sources` (the files or names the arrays were read from) name them in an error.
+    The order is Grain's: `MapDataset.source(rows).shuffle(seed)`, whose epoch e is a permutation seeded by
+    seed + e (an index shuffle: no permutation array, whatever the number of rows). It depends on nothing but
+    the seed, which is what lets `restore` resume exactly from (epoch, position). The last incomplete global
+    batch of an epoch is dropped. Each host gets only its rows of each global batch
+    (`mixtral_jax.parallel.distributed.host_rows`), read from the rows (a memory map) when asked for.
+    `sources` (the files or names the rows were read from) name them in an error.
     """
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], global_batch: int, seed: int = 0,
-                 process_index: int | None = None, process_count: int | None = None, sources: Sequence[str] = ()):
-        lengths = {key: len(value) for key, value in arrays.items()}
-        if not lengths or len(set(lengths.values())) != 1:
-            raise DataError(f"the data arrays must have one common length, got {lengths}")
-        self.arrays = dict(arrays)
-        self.rows = next(iter(lengths.values()))
+    def __init__(self, rows: Rows, global_batch: int, seed: int = 0, process_index: int | None = None,
+                 process_count: int | None = None, sources: Sequence[str] = ()):
+        self.rows = len(rows)
         self.global_batch = global_batch
         self.host_slice = host_rows(global_batch, process_index, process_count)
         if self.steps_per_epoch == 0:
             named = f"{', '.join(sources)}: " if sources else ""
             raise DataError(f"{named}{self.rows} examples are fewer than one global batch of {global_batch}")
         self.seed, self.epoch, self.position = int(seed), 0, 0
-        self._order: tuple[int, np.ndarray] | None = None
+        self._source = grain.MapDataset.source(rows)
+        self._dataset = self._source.shuffle(seed=self.seed)
 
     @property
     def steps_per_epoch(self) -> int:
         return self.rows // self.global_batch
-
-    def _permutation(self) -> np.ndarray:
-        if self._order is None or self._order[0] != self.epoch:
-            self._order = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(self.rows))
-        return self._order[1]
 
     def __iter__(self) -> BatchIterator:
         return self
@@ -119,10 +126,11 @@ class BatchIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         if self.position == self.steps_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
-        start = self.position * self.global_batch
-        rows = self._permutation()[start:start + self.global_batch][self.host_slice]
+        first = self.epoch * self.rows + self.position * self.global_batch
+        indices = np.arange(first, first + self.global_batch)[self.host_slice]
         self.position += 1
-        return {key: value[rows] for key, value in self.arrays.items()}
+        chosen = [self._dataset[int(index)] for index in indices]
+        return {key: np.stack([row[key] for row in chosen]) for key in chosen[0]}
 
     def state(self) -> dict[str, int]:
         """Plain ints, for a checkpoint's metadata."""
@@ -132,5 +140,6 @@ class BatchIterator:
         epoch, position, seed = (int(state[key]) for key in ("epoch", "position", "seed"))
         if not 0 <= position <= self.steps_per_epoch or epoch < 0:
             raise DataError(f"data state {dict(state)} does not fit {self.steps_per_epoch} steps per epoch")
-        self.epoch, self.position, self.seed = epoch, position, seed
-        self._order = None
+        self.epoch, self.position = epoch, position
+        if seed != self.seed:
+            self.seed, self._dataset = seed, self._source.shuffle(seed=seed)

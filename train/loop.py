@@ -28,13 +28,14 @@ from mixtral_jax.checkpoints import pretrained, run_lock
 from mixtral_jax.checkpoints import run_manifest as runs
 from mixtral_jax.checkpoints import run_state as checkpoint
 from mixtral_jax.data import texts as text_sources
+from mixtral_jax.data.sequences import stack
 from mixtral_jax.data.tokenizer import check_compatible, load_tokenizer
 from mixtral_jax.errors import CheckpointError
 from mixtral_jax.model.flops import chip_peak_flops, flop_counts, measure_matmul_peak
 from mixtral_jax.parallel.distributed import global_batch, host_rows, initialize
 from mixtral_jax.parallel.sharding import make_mesh
 from train import data as data_lib
-from train import resume, sft
+from train import resume
 from train.config import TrainConfig
 from train.metrics import MetricsLog, expert_share
 from train.optim import make_optimizer, master_dtype, schedule
@@ -54,24 +55,6 @@ def run_model_of(config: TrainConfig) -> runs.RunModel:
         base=config.model.path, dtype=config.model.dtype, quantize=config.model.quantize,
         lora=lora.manifest_fields(), modules_to_save=tuple(lora.modules_to_save) if lora.enabled else (),
         implementation=dict(config.model.implementation), lora_seed=config.seed)
-
-
-def build_arrays(config: TrainConfig, sources, tokenizer, replay: bool = False) -> tuple[dict[str, np.ndarray], int]:
-    """Tokenised sequences of `sources` as equal-length arrays, and how many SFT samples were dropped. With
-    `replay`, pre-training blocks of `data.replay` make up `data.replay_share` of the result."""
-    data = config.data
-    if data.kind == "pretrain":
-        def blocks_of(source_list):
-            texts = (text for source in source_list for text in text_sources.read_texts(source, data.text_field))
-            return data_lib.pretrain_blocks(texts, tokenizer, data.seq_len, data.group_lines)
-        blocks = blocks_of(sources)
-        if replay and data.replay and data.replay_share:
-            blocks = data_lib.mix_replay(blocks, blocks_of(data.replay), data.replay_share)
-        return data_lib.pretrain_dataset(blocks), 0
-    records = [record for source in sources for record in sft.read_alpaca(source)]
-    examples, dropped = sft.build_sft(records, tokenizer, data.seq_len)
-    arrange = sft.pack_examples if data.packing else sft.pad_examples
-    return arrange(examples, data.seq_len, tokenizer.eos_id), dropped
 
 
 class _StopFlag:
@@ -132,15 +115,18 @@ class RunData:
 
 
 def load_data(config: TrainConfig, tokenizer, log) -> RunData:
-    train_arrays, dropped = build_arrays(config, config.data.train, tokenizer, replay=True)
+    train_rows, dropped = data_lib.load_rows(config, config.data.train, tokenizer, replay=True)
     eval_arrays = None
     if config.data.eval:
-        eval_arrays, _ = build_arrays(config, config.data.eval, tokenizer)
-        eval_arrays = {k: v[:config.data.eval_rows] for k, v in eval_arrays.items()}
+        eval_rows, _ = data_lib.load_rows(config, config.data.eval, tokenizer)
+        if not len(eval_rows):
+            raise text_sources.DataError(f"{', '.join(config.data.eval)}: no held-out sequence of data.seq_len "
+                                         f"{config.data.seq_len} tokens")
+        eval_arrays = stack(eval_rows, range(min(config.data.eval_rows, len(eval_rows))))
     sources = (*config.data.train, *(config.data.replay if config.data.replay_share else ()))
-    batches = data_lib.BatchIterator(train_arrays, config.batch_size, config.seed, sources=sources)
+    batches = data_lib.BatchIterator(train_rows, config.batch_size, config.seed, sources=sources)
     total_steps = config.steps or max(1, math.floor(config.epochs * batches.steps_per_epoch))
-    sequences = len(train_arrays["input_ids"])
+    sequences = len(train_rows)
     log(f"data: {sequences:,} training sequences of {config.data.seq_len} tokens"
         + (f" ({dropped:,} SFT samples dropped: the prompt alone fills data.seq_len)" if dropped else "")
         + f"; {batches.steps_per_epoch:,} steps per epoch, {total_steps:,} steps")

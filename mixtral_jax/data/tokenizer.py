@@ -3,6 +3,8 @@ default, or any Hugging Face tokenizer directory; plus Mixtral's `[INST] ... [/I
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from importlib import resources
 from typing import Protocol, Sequence
@@ -12,8 +14,8 @@ from mixtral_jax.errors import TokenizerError
 MIXTRAL_VOCAB_SIZE = 32000
 
 
-
 class Tokenizer(Protocol):
+    path: str  # what load_tokenizer reads it from again (data prepare's worker processes do)
     bos_id: int
     eos_id: int
     vocab_size: int
@@ -21,6 +23,8 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
+
+    def digest(self) -> str: ...
 
 
 def default_tokenizer_path() -> str:
@@ -49,6 +53,9 @@ class SentencePieceTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
+    def digest(self) -> str:
+        return hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()
+
 
 class HFTokenizer:
     """Any tokenizer directory transformers can read locally (never remote code)."""
@@ -72,6 +79,10 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def digest(self) -> str:
+        vocabulary = json.dumps(sorted(self._tok.get_vocab().items()), ensure_ascii=False)
+        return hashlib.sha256(vocabulary.encode()).hexdigest()
 
 
 def model_tokenizer_path(model: str | None) -> str | None:
@@ -103,6 +114,13 @@ def load_tokenizer(path: str | None = None, model: str | None = None) -> Tokeniz
     if "tokenizer.json" not in names and "tokenizer_config.json" not in names and "tokenizer.model" in names:
         return SentencePieceTokenizer(os.path.join(path, "tokenizer.model"))
     return HFTokenizer(path)
+
+
+def identity(tokenizer: Tokenizer) -> dict:
+    """What makes two tokenizers give the same ids: their pieces (a digest of the SentencePiece model, or of an
+    HF tokenizer's vocabulary), size and special ids; prepared data records it and refuses another."""
+    return {"sha256": tokenizer.digest(), "vocab_size": int(tokenizer.vocab_size), "bos_id": int(tokenizer.bos_id),
+            "eos_id": int(tokenizer.eos_id)}
 
 
 def check_compatible(tokenizer: Tokenizer, vocab_size: int, model_name: str = "model") -> None:

@@ -10,9 +10,9 @@ import re
 import pytest
 
 from mixtral_jax.data.corpora import CorpusError
+from mixtral_jax.data.sft import read_alpaca
 from mixtral_jax.data.texts import DataError, read_texts
 from tests.helpers.gcs_emulator import fake_gcs
-from train.sft import read_alpaca
 
 
 def test_read_texts_files_directories_globs(tmp_path):

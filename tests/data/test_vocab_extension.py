@@ -210,6 +210,7 @@ def test_training_the_extended_model_then_exporting_it(extended, tmp_path):
     run's HF export carries the tokenizer and loads in transformers with our logits."""
     from transformers import MixtralForCausalLM
 
+    from train import data as train_data
     from train import loop
     from train.config import load_config
 
@@ -224,7 +225,7 @@ def test_training_the_extended_model_then_exporting_it(extended, tmp_path):
     lines = []
     result = loop.train(config, log=lines.append)
     assert result["end_step"] == 2
-    sequences = {name: len(loop.build_arrays(config, [str(data)], tok)[0]["input_ids"])
+    sequences = {name: len(train_data.load_rows(config, [str(data)], tok)[0])
                  for name, tok in (("extended", load_tokenizer(model=out)), ("mixtral", load_tokenizer()))}
     assert sequences["extended"] < 0.8 * sequences["mixtral"]
     assert any(line.startswith(f"data: {sequences['extended']:,} training sequences") for line in lines), lines

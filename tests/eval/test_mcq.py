@@ -15,7 +15,7 @@ import torch
 
 from eval import mcq
 from mixtral_jax.assets import TINY_MODEL_DIR
-from tests.train.test_data import _hf_dir
+from tests.helpers.tokenizers import hf_tokenizer_dir
 
 SUBJECTS = ("computer_network", "high_school_physics")
 
@@ -265,7 +265,7 @@ def load_hf_tokenizer(directory):
     """The real Mixtral tokenizer as transformers loads it (shared with test_eval_harness.py)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(_hf_dir(directory))
+    tok = AutoTokenizer.from_pretrained(hf_tokenizer_dir(directory))
     assert len(tok) == 32000
     return tok
 

@@ -81,7 +81,7 @@ def test_pipeline_killed_in_the_middle_then_finishes_without_redoing_stages(tmp_
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(_pipeline(work), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
-    marker = work / ".done" / "eval-base.json"
+    marker = work / ".done" / "data.json"
     deadline = time.time() + 600
     while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.5)
@@ -89,7 +89,7 @@ def test_pipeline_killed_in_the_middle_then_finishes_without_redoing_stages(tmp_
     process.send_signal(signal.SIGKILL)  # in the middle: pre-training has started
     process.wait()
     done_before = {p.stem: p.stat().st_mtime_ns for p in (work / ".done").iterdir()}
-    assert set(done_before) == {"inputs", "english", "base-hf", "base-nf4", "eval-base"}
+    assert set(done_before) == {"inputs", "english", "base-hf", "base-nf4", "eval-base", "data"}
 
     finished = subprocess.run(_pipeline(work), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -97,6 +97,7 @@ def test_pipeline_killed_in_the_middle_then_finishes_without_redoing_stages(tmp_
         assert (work / ".done" / f"{stage}.json").stat().st_mtime_ns == mtime
         assert f"{stage}: " in finished.stderr and "(done before, skipped)" in finished.stderr
     assert "$ mixtral-jax train english_tiny" not in finished.stderr
+    assert f"data.train=[{work / 'data' / 'pretrain-train'}]" in finished.stderr  # trained on the prepared stores
     report = json.loads((work / "report.json").read_text())
     assert [s["stage"] for s in report["stages"] if not s["skipped"]] == ["pretrain", "eval-pretrained", "sft",
                                                                        "eval-adapted", "release", "check"]

@@ -89,6 +89,23 @@ def test_resume_after_a_stop_equals_the_uninterrupted_run_bit_for_bit(straight, 
 
 
 @pytest.mark.slow
+def test_a_run_from_a_prepared_store_equals_the_run_from_its_raw_sources(straight, corpus, tmp_path):
+    """The same losses bit for bit, and the same held-out scores, when train and eval data are prepared stores
+    (2 worker processes), resumed half-way as well."""
+    from mixtral_jax.data.prepare import prepare
+
+    stores = [str(tmp_path / name) for name in ("train", "eval")]
+    for source, store in zip(corpus, stores):
+        prepare([source], store, "pretrain", 32, workers=2, shard_rows=64, progress=False)
+    prepared = (f"data.train=[{stores[0]}]", f"data.eval=[{stores[1]}]")
+    first = _run(str(tmp_path / "run"), corpus, "stop_at_step=6", *prepared)
+    summary = _run(str(tmp_path / "run"), corpus, *prepared)
+    assert first["train_sequences"] == straight[1]["train_sequences"] and summary["end_step"] == STEPS
+    assert _losses(str(tmp_path / "run")) == _losses(straight[0])
+    assert summary["eval_after"] == straight[1]["eval_after"]
+
+
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_then_resume_equals_the_uninterrupted_run(straight, corpus, tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO}
     argv = [sys.executable, "-m", "mixtral_jax.cli", "train", "pretrain_tiny", *_overrides(tmp_path, corpus)]
