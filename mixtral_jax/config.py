@@ -17,8 +17,9 @@ import yaml
 from mixtral_jax.errors import ConfigError
 
 MOE_BACKENDS = ("dense", "dropless", "capacity")
-GROUPED_MATMULS = ("auto", "ragged_dot", "mosaic_gpu", "blocked")
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+EXPERT_EXCHANGES = ("auto", "ragged", "padded")
+GROUPED_MATMULS = ("auto", "ragged_dot", "mosaic_gpu", "megablox", "blocked")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 # Other spellings of DTYPES (lower case): the short forms and torch's names ("float" and "half" as torch means them).
@@ -74,13 +75,16 @@ class MixtralConfig:
     # picks by the default device (kernels/select.py).
     grouped_matmul: str = "auto"
     moe_block_size: int = 128  # rows per block of the "blocked" grouped product
+    # How dropless rows reach experts split over the mesh: "ragged" (only the real rows; TPU, GPU), "padded"
+    # (fixed buffers; CPU); "auto" picks by the default device (kernels/select.py).
+    expert_exchange: str = "auto"
     capacity_factor: float = 2.0
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_chunk: int | None = None  # attend in blocks of this many queries when longer (bounded memory)
-    attention_implementation: str = "auto"  # "cudnn" (NVIDIA GPUs, bf16/fp16), "xla"; "auto" picks (kernels/select.py)
+    attention_implementation: str = "auto"  # "cudnn" (NVIDIA, bf16/fp16), "splash" (TPU), "xla"; "auto" picks
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):  # jnp.bfloat16, np.float32, "bf16", ...: the canonical name
@@ -136,6 +140,7 @@ class MixtralConfig:
                                      ("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS),
                                      ("attention_implementation", self.attention_implementation,
                                       ATTENTION_IMPLEMENTATIONS),
+                                     ("expert_exchange", self.expert_exchange, EXPERT_EXCHANGES),
                                      ("remat_policy", self.remat_policy, REMAT_POLICIES),
                                      ("dtype", self.dtype, DTYPES), ("param_dtype", self.param_dtype, DTYPES)):
             if value not in allowed:

@@ -174,7 +174,8 @@ def test_with_overrides_errors():
     base = MixtralConfig.from_preset("tiny")
     with pytest.raises(ConfigError, match="moe_backend"):
         base.with_overrides(["moe_backend=sparse"])
-    with pytest.raises(ConfigError, match="'attention_implementation' must be one of auto, xla, cudnn, got 'flash'"):
+    with pytest.raises(ConfigError,
+                       match="'attention_implementation' must be one of auto, xla, cudnn, splash, got 'flash'"):
         base.with_overrides(["attention_implementation=flash"])
     assert base.with_overrides(["grouped_matmul=mosaic_gpu"]).grouped_matmul == "mosaic_gpu"
     with pytest.raises(ConfigError, match="no_such_field"):

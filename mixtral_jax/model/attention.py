@@ -7,19 +7,25 @@ only real tokens, so a left-padded prompt gets the same rotations as an unpadded
 The mask is passed around as a `Visibility` (the slots and segments it is made of), not as the [B, T, S]
 boolean array: with `attention_chunk` set, long inputs attend one block of queries at a time and build only
 that block's mask, so neither the mask nor the scores ever exist whole ([B, T, S] is 16 GiB at T = S = 128K).
+Splash attention (TPU) takes the segments and the window themselves, and needs no chunks.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.kernels import attention_tpu
 from mixtral_jax.kernels import select as kernels
 from mixtral_jax.model.lora import LoraConfig, adapter_of, attach, project
 from mixtral_jax.model.nf4_base import read
+from mixtral_jax.parallel.sharding import active_mesh, logical_to_spec
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float) -> jax.Array:
@@ -108,7 +114,8 @@ class Attention(nnx.Module):
         if cache_kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), first_slot, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), first_slot, axis=1)
-        out = attend(q, k.astype(dtype), v.astype(dtype), mask, cfg.attention_chunk, cfg.attention_implementation)
+        out = attend(q, k.astype(dtype), v.astype(dtype), mask, cfg.attention_chunk, cfg.attention_implementation,
+                     cached=cache_kv is not None)
         return project(out, read(self.o_proj, dtype), adapter_of(self, "o_proj", dtype, dropout_key), 2), (k, v)
 
 
@@ -116,14 +123,21 @@ def grouped_query_attention(q, k, v, mask, implementation: str = "auto"):
     """q [B, T, H, hd], k/v [B, S, KV, hd], mask [B, T, S]; scaled by hd**-0.5, scores and softmax in fp32.
 
     `implementation="cudnn"` is cuDNN's fused (flash) attention on NVIDIA GPUs, bf16/fp16 only: the scores
-    are never materialised; the mask travels as an additive bias."""
+    are never materialised; the mask travels as an additive bias. Splash takes no mask: XLA's attention here."""
+    implementation = kernels.attention_implementation(implementation, q.dtype)
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None],
-                                        implementation=kernels.attention_implementation(implementation, q.dtype))
+                                        implementation="xla" if implementation == "splash" else implementation)
 
 
-def attend(q, k, v, mask, chunk: int | None = None, implementation: str = "auto"):
+def attend(q, k, v, mask, chunk: int | None = None, implementation: str = "auto", cached: bool = False):
     """Attention under a `Visibility` or a [B, T, S] bool mask; with `chunk` set and T > chunk, in query
-    blocks of `chunk` rows (`chunked_attention`), which gives the same numbers in O(chunk * S) memory."""
+    blocks of `chunk` rows (`chunked_attention`), which gives the same numbers in O(chunk * S) memory.
+
+    "splash" runs `splash_self_attention` on a `Visibility` of a pass without a KV cache (`cached` False: the
+    keys are the queries' own tokens, query slot t is key slot t); with a cache or a bool mask, XLA's."""
+    splash = kernels.attention_implementation(implementation, q.dtype) == "splash"
+    if isinstance(mask, Visibility) and splash and not cached:
+        return splash_self_attention(q, k, v, mask)
     if isinstance(mask, Visibility):
         if chunk is not None and q.shape[1] > chunk:
             return chunked_attention(q, k, v, mask, chunk, implementation)
@@ -155,3 +169,21 @@ def chunked_attention(q, k, v, visible: Visibility, chunk: int, implementation: 
 
     out = jax.lax.map(one_block, (blocked(q), blocked(slots), blocked(segments)))  # [blocks, B, chunk, H, hd]
     return jnp.swapaxes(out, 0, 1).reshape(batch, blocks * chunk, heads, head_dim)[:, :length]
+
+
+def splash_self_attention(q, k, v, visible: Visibility):
+    """`attention_tpu.splash_attention` of a pass without a cache. On a mesh, per shard (shard_map: Mosaic
+    kernels are not partitioned automatically): rows split by batch, heads by `tensor` where the query and
+    KV heads split alike (each shard's query heads then find their KV heads on it), else every head."""
+    run = partial(attention_tpu.splash_attention, sliding_window=visible.sliding_window)
+    args = (q, k, v, visible.query_segments, visible.key_segments)
+    if active_mesh() is None:
+        return run(*args)
+    mesh, rules = active_mesh()
+    q_spec = logical_to_spec(("batch", None, "act_heads", None), q.shape, mesh, rules)
+    kv_spec = logical_to_spec(("batch", None, "act_kv_heads", None), k.shape, mesh, rules)
+    if q_spec[2] != kv_spec[2]:
+        q_spec = kv_spec = PartitionSpec(q_spec[0], None, None, None)
+    rows = PartitionSpec(q_spec[0], None)
+    return jax.shard_map(run, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, rows, rows), out_specs=q_spec,
+                         check_vma=False)(*args)

@@ -5,8 +5,9 @@ All backends compute `sum_j w_j * expert_{e_j}(x)` over the top-k experts `e_j` 
 
 * `dense`: every expert on every token, weighted by a mostly-zero combine matrix. The reference.
 * `dropless`: assignments sorted by expert, one grouped matrix product per weight, nothing dropped.
-  The grouped product is `jax.lax.ragged_dot` (TPU), JAX's Pallas kernels for Hopper GPUs (`gmm_gpu`; XLA's
-  GPU ragged_dot, like its CPU one, computes every group densely) or a blocked product of our own (CPU).
+  The grouped product is JAX's Pallas megablox kernel for TPUs (`gmm_tpu`, MaxText's), JAX's Pallas kernels
+  for Hopper GPUs (`gmm_gpu`; XLA's GPU ragged_dot, like its CPU one, computes every group densely),
+  `jax.lax.ragged_dot` (other devices) or a blocked product of our own (CPU).
 * `capacity`: each expert takes at most `capacity` assignments per sequence (GShard), the rest are dropped
   (their contribution is zero, the residual stream carries the token on). Dispatch and combine are gathers.
 
@@ -16,21 +17,22 @@ permutation whose gradient is the gather by the inverse permutation (`permute_ro
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec
 
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.kernels import grouped_matmul_gpu as gmm_gpu
+from mixtral_jax.kernels import grouped_matmul_tpu as gmm_tpu
 from mixtral_jax.kernels.select import grouped_matmul_kind
-from mixtral_jax.model.lora import Adapter, LoraConfig, adapter_of, attach, project
+from mixtral_jax.model.expert_parallel import dropless_expert_parallel
+from mixtral_jax.model.expert_rows import sort_by_expert, unsort_and_combine
+from mixtral_jax.model.lora import LoraConfig, adapter_of, attach, project
 from mixtral_jax.model.nf4_base import read
-from mixtral_jax.parallel.sharding import active_mesh, constrain, logical_to_spec
+from mixtral_jax.parallel.sharding import active_mesh, constrain
 
 
 class SparseMoE(nnx.Module):
@@ -70,7 +72,8 @@ class SparseMoE(nnx.Module):
             out, dropped = dense_experts(x, expert_ids, expert_weights, w1, w2, w3), jnp.int32(0)
         elif cfg.moe_backend == "dropless" and active_mesh() is not None:
             # On a mesh each device sorts only its own tokens (a global sort would gather the whole batch).
-            out = dropless_expert_parallel(x, expert_ids, expert_weights, w1, w2, w3, cfg, *active_mesh())
+            out = dropless_expert_parallel(x, expert_ids, expert_weights, w1, w2, w3, partial(_grouped_swiglu, cfg),
+                                           cfg.expert_exchange, *active_mesh())
             dropped = jnp.int32(0)
         elif cfg.moe_backend == "dropless":
             out, dropped = dropless_experts(x, expert_ids, expert_weights, w1, w2, w3, cfg), jnp.int32(0)
@@ -129,153 +132,16 @@ def dense_experts(x, expert_ids, expert_weights, w1, w2, w3):
 # ------------------------------------------------------------------------------------------------ dropless
 def dropless_experts(x, expert_ids, expert_weights, w1, w2, w3, config: MixtralConfig):
     num_experts = _weight(w1).shape[0]
-    sorted_x, order, inverse = _sort_by_expert(x, expert_ids)
+    sorted_x, order, inverse = sort_by_expert(x, expert_ids)
     group_sizes = jnp.bincount(expert_ids.reshape(-1), length=num_experts).astype(jnp.int32)
-    sorted_out = _swiglu(sorted_x, w1, w3, w2, grouped_product(config, group_sizes))
-    return _unsort_and_combine(sorted_out, order, inverse, expert_weights)
+    sorted_out = _grouped_swiglu(config, sorted_x, group_sizes, w1, w2, w3)
+    return unsort_and_combine(sorted_out, order, inverse, expert_weights)
 
 
-def _sort_by_expert(x, expert_ids):
-    """x's rows once per assignment (a = token * k + j), grouped by expert with token order inside, and the
-    permutation both ways (the grouped product needs each expert's rows contiguous)."""
-    k, d = expert_ids.shape[-1], x.shape[-1]
-    order = jnp.argsort(expert_ids.reshape(-1), stable=True)
-    inverse = jnp.argsort(order)
-    return permute_rows(jnp.repeat(x.reshape(-1, d), k, axis=0), order, inverse), order, inverse
-
-
-def _unsort_and_combine(sorted_out, order, inverse, expert_weights):
-    """Back to assignment order, then each token's k expert outputs summed with the router's weights."""
-    b, s, k = expert_weights.shape
-    per_assignment = permute_rows(sorted_out, inverse, order).reshape(b, s, k, sorted_out.shape[-1])
-    return jnp.einsum("bskd,bsk->bsd", per_assignment, expert_weights)
-
-
-@dataclasses.dataclass(frozen=True)
-class _ExpertShards:
-    """What each device's step needs besides its arrays: fixed at trace time, so it travels by closure."""
-    config: MixtralConfig
-    count: int              # devices along the mesh's `expert` axis
-    width_split: bool       # the expert width is split over `tensor` too: partial outputs are summed
-    adapters: tuple         # w1, w2, w3's Adapter or None: shard_map takes arrays, so scales and keys go here
-
-
-def dropless_expert_parallel(x, expert_ids, expert_weights, w1, w2, w3, config: MixtralConfig, mesh, rules):
-    """Dropless experts with the experts split over the mesh's `expert` axis (shard_map, explicit all-to-all).
-
-    Each device sorts its own assignments by expert and sends every expert shard the rows that belong to it
-    (with an expert axis of 1 the exchange is the identity, and this is plain data-parallel dropless),
-    in a buffer as long as all its assignments (so nothing is ever dropped, whatever the routing); the
-    receiver regroups the rows by its local experts, runs the grouped products, and the results travel back
-    by the reverse all-to-all. With a `tensor` axis the expert width is split too, and partial outputs summed.
-    """
-    weights = (w1, w2, w3)
-    tokens_spec = logical_to_spec(("batch", None, None), x.shape, mesh, rules)
-    weight_specs = _expert_weight_specs(weights, mesh, rules)
-    w1_spec = weight_specs[0][0]
-    shards = _ExpertShards(config, mesh.shape["expert"], width_split=w1_spec[2] is not None,
-                           adapters=tuple(adapter for _, adapter in weights))
-    in_specs = (tokens_spec, tokens_spec, tokens_spec, *weight_specs)
-    return jax.shard_map(partial(_dropless_on_one_device, shards), mesh=mesh, in_specs=in_specs,
-                         out_specs=tokens_spec, check_vma=False)(
-        x, expert_ids, expert_weights, *(_arrays_only(weight) for weight in weights))
-
-
-def _expert_weight_specs(weights, mesh, rules):
-    """shard_map in_specs of w1, w2, w3 as `_arrays_only` passes them: (W, (A, B) | None).
-
-    Adapters split like their weights: A [E, in, r] by the weight's input dims, B [E, r, out] by its output.
-    """
-    w1, w2, _ = weights
-    w13_spec = logical_to_spec(("experts", None, "mlp"), _weight(w1).shape, mesh, rules)
-    w2_spec = logical_to_spec(("experts", "mlp", None), _weight(w2).shape, mesh, rules)
-    experts_only = PartitionSpec(w13_spec[0], None, None)
-    w13_adapter_spec = (experts_only, PartitionSpec(w13_spec[0], None, w13_spec[2]))
-    w2_adapter_spec = (PartitionSpec(w2_spec[0], w2_spec[1], None), experts_only)
-    bases = (w13_spec, w2_spec, w13_spec)
-    adapter_specs = (w13_adapter_spec, w2_adapter_spec, w13_adapter_spec)
-    return tuple((base, None if adapter is None else adapter_spec)
-                 for (_, adapter), base, adapter_spec in zip(weights, bases, adapter_specs))
-
-
-def _arrays_only(weight):
-    """(W, Adapter | None) -> (W, (A, B) | None): shard_map takes arrays only."""
-    w, adapter = weight
-    return w, (None if adapter is None else (adapter.a, adapter.b))
-
-
-def _with_adapter(weight, adapter: Adapter | None):
-    """Inside shard_map, (W, (A, B)) -> (W, Adapter) again; each token shard draws its own dropout mask."""
-    w, low_rank = weight
-    if low_rank is None:
-        return w, None
-    key = adapter.key
-    if key is not None:
-        key = jax.random.fold_in(key, jax.lax.axis_index(("data", "fsdp", "expert")))
-    return w, Adapter(*low_rank, adapter.scale, adapter.dropout, key)
-
-
-def _dropless_on_one_device(shards: _ExpertShards, x, expert_ids, expert_weights, w1, w2, w3):
-    """One device's tokens: send each assignment to its expert's shard, compute the rows that arrive for this
-    device's experts, send the results back and combine them per token."""
-    w1, w2, w3 = (_with_adapter(weight, adapter) for weight, adapter in zip((w1, w2, w3), shards.adapters))
-    local_experts = w1[0].shape[0]
-    sorted_x, order, inverse = _sort_by_expert(x, expert_ids)
-    counts = jnp.bincount(expert_ids.reshape(-1), length=shards.count * local_experts)
-    counts = counts.reshape(shards.count, local_experts)                              # [shards, local_experts]
-    received, received_counts = _send_to_expert_shards(sorted_x, counts)
-    rows, regroup, ungroup = _group_by_local_expert(received, received_counts)
-    group_sizes = received_counts.sum(axis=0).astype(jnp.int32)
-    out = _swiglu(rows, w1, w3, w2, grouped_product(shards.config, group_sizes))
-    if shards.width_split:
-        out = jax.lax.psum(out, "tensor")
-    sorted_out = _return_to_senders(permute_rows(out, ungroup, regroup), counts)
-    return _unsort_and_combine(sorted_out, order, inverse, expert_weights)
-
-
-def _shard_slices(counts):
-    """(rows, first row) of each expert shard's contiguous slice of the expert-sorted assignments."""
-    shard_counts = counts.sum(axis=1)
-    return shard_counts, jnp.cumsum(shard_counts) - shard_counts
-
-
-def _send_to_expert_shards(sorted_rows, counts):
-    """All-to-all over `expert`: each shard gets the rows for its experts, in a buffer as long as all of this
-    device's assignments, so nothing is dropped whatever the routing.
-    -> (rows [sources, M, D], padding last; per-source counts [sources, local_experts])."""
-    m = sorted_rows.shape[0]
-    shard_counts, shard_start = _shard_slices(counts)
-    slot = jnp.arange(m)
-    send_valid = slot[None, :] < shard_counts[:, None]                                # [shards, M]
-    send_rows = jnp.clip(shard_start[:, None] + slot[None, :], 0, m - 1)
-    send = jnp.where(send_valid[..., None], sorted_rows[send_rows], 0)                 # [shards, M, D]
-    received = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)
-    received_counts = jax.lax.all_to_all(counts, "expert", 0, 0, tiled=True)
-    return received, received_counts
-
-
-def _group_by_local_expert(received, received_counts):
-    """The received rows [sources, M, D] as one array grouped by local expert (padding rows last, as a group
-    of their own), and the permutation both ways."""
-    _, m, d = received.shape
-    slot = jnp.arange(m)
-    source_ends = jnp.cumsum(received_counts, axis=1)
-    row_expert = jax.vmap(lambda ends: jnp.searchsorted(ends, slot, side="right"))(source_ends).reshape(-1)
-    regroup = jnp.argsort(row_expert, stable=True)
-    ungroup = jnp.argsort(regroup)
-    return permute_rows(received.reshape(-1, d), regroup, ungroup), regroup, ungroup
-
-
-def _return_to_senders(out, counts):
-    """The reverse all-to-all of `out` [sources * M, D] (rows in received order); -> this device's results
-    [M, D] in expert-sorted order, read out of each shard's returned buffer."""
-    shards = counts.shape[0]
-    m = out.shape[0] // shards
-    returned = jax.lax.all_to_all(out.reshape(shards, m, -1), "expert", 0, 0, tiled=True)   # [shards, M, D]
-    shard_counts, shard_start = _shard_slices(counts)
-    slot = jnp.arange(m)
-    computed_on = jnp.minimum(jnp.searchsorted(jnp.cumsum(shard_counts), slot, side="right"), shards - 1)
-    return returned[computed_on, slot - shard_start[computed_on]]
+def _grouped_swiglu(config: MixtralConfig, rows, group_sizes, w1, w2, w3):
+    """The experts on rows grouped by expert, with the configured grouped product (what each expert shard
+    computes in expert_parallel.py too)."""
+    return _swiglu(rows, w1, w3, w2, grouped_product(config, group_sizes))
 
 
 def grouped_product(config: MixtralConfig, group_sizes: jax.Array):
@@ -285,25 +151,9 @@ def grouped_product(config: MixtralConfig, group_sizes: jax.Array):
         return lambda rows, weights: jax.lax.ragged_dot(rows, weights, group_sizes)
     if kind == "mosaic_gpu":
         return lambda rows, weights: gmm_gpu.grouped_matmul(rows, weights, group_sizes)
+    if kind == "megablox":
+        return lambda rows, weights: gmm_tpu.grouped_matmul(rows, weights, group_sizes)
     return lambda rows, weights: blocked_grouped_matmul(rows, weights, group_sizes, config.moe_block_size)
-
-
-@jax.custom_vjp
-def permute_rows(x: jax.Array, permutation: jax.Array, inverse: jax.Array) -> jax.Array:
-    """x[permutation], whose transpose is the gather by the inverse permutation (not a scatter-add)."""
-    return x[permutation]
-
-
-def _permute_rows_forward(x, permutation, inverse):
-    return x[permutation], (permutation, inverse)
-
-
-def _permute_rows_backward(residuals, grad):
-    _, inverse = residuals
-    return grad[inverse], None, None
-
-
-permute_rows.defvjp(_permute_rows_forward, _permute_rows_backward)
 
 
 def blocked_grouped_matmul(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array, block: int) -> jax.Array:

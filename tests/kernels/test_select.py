@@ -15,16 +15,18 @@ TPU = SimpleNamespace(platform="tpu", device_kind="TPU v5p")
 def test_this_cpu_gets_the_blocked_product_and_xla_attention():
     assert kernels.grouped_matmul_kind("auto") == "blocked"
     assert kernels.attention_implementation("auto", jnp.bfloat16) == "xla"
+    assert kernels.expert_exchange_kind("auto") == "padded"  # XLA's CPU backend has no ragged all-to-all
 
 
-@pytest.mark.parametrize("device, product, bf16_attention", [
-    (H100, "mosaic_gpu", "cudnn"), (A100, "ragged_dot", "cudnn"), (MI300, "ragged_dot", "xla"),
-    (TPU, "ragged_dot", "xla")])
-def test_auto_by_device(monkeypatch, device, product, bf16_attention):
+@pytest.mark.parametrize("device, product, bf16_attention, fp32_attention, exchange", [
+    (H100, "mosaic_gpu", "cudnn", "xla", "ragged"), (A100, "ragged_dot", "cudnn", "xla", "ragged"),
+    (MI300, "ragged_dot", "xla", "xla", "ragged"), (TPU, "megablox", "splash", "splash", "ragged")])
+def test_auto_by_device(monkeypatch, device, product, bf16_attention, fp32_attention, exchange):
     monkeypatch.setattr(kernels, "default_device", lambda: device)
     assert kernels.grouped_matmul_kind("auto") == product
     assert kernels.attention_implementation("auto", jnp.bfloat16) == bf16_attention
-    assert kernels.attention_implementation("auto", jnp.float32) == "xla"  # cuDNN's fused attention: 16-bit only
+    assert kernels.attention_implementation("auto", jnp.float32) == fp32_attention  # cuDNN's: 16-bit only
+    assert kernels.expert_exchange_kind("auto") == exchange
 
 
 def test_an_explicit_choice_is_kept(monkeypatch):
