@@ -26,6 +26,7 @@ from mixtral_jax.io import paths
 from mixtral_jax.io.output_dir import output_directory
 
 SFT_CHUNK = 1000  # records a task
+LINE_CHUNKS_PER_TASK = 8  # pre-training chunks a task: fewer round trips to the workers
 IN_FLIGHT_PER_WORKER = 4
 
 _worker_tokenizer: Tokenizer | None = None
@@ -36,8 +37,11 @@ def _start_worker(tokenizer_path: str | None) -> None:
     _worker_tokenizer = load_tokenizer(tokenizer_path)
 
 
-def _blocks_task(lines: list[str], seq_len: int) -> np.ndarray:
-    return pretrain.chunk_blocks(lines, _worker_tokenizer, seq_len)
+def _blocks_task(chunks: list[list[str]], seq_len: int, part: str) -> int:
+    """Writes the chunks' blocks to the file `part` (the parent moves them into the shards); -> their rows."""
+    blocks = np.concatenate([pretrain.chunk_blocks(lines, _worker_tokenizer, seq_len) for lines in chunks])
+    blocks.astype("<i4", copy=False).tofile(part)
+    return len(blocks)
 
 
 def _examples_task(records: list[dict], seq_len: int) -> tuple[Examples, int]:
@@ -68,19 +72,19 @@ class _SourceSizes:
         self.bar.update(size)
 
 
-def _in_order(task: Callable, chunks: Iterable[list], seq_len: int, workers: int, tokenizer: Tokenizer):
-    """task(chunk, seq_len) of every chunk, in order: in this process with one worker, else in a pool of
-    `workers` processes (each loading the tokenizer from its path) with a bounded number of chunks in flight."""
+def _in_order(task: Callable, calls: Iterable[tuple], workers: int, tokenizer: Tokenizer):
+    """task(*args) for every args of `calls`, in order: in this process with one worker, else in a pool of
+    `workers` processes (each loading the tokenizer from its path) with a bounded number of calls in flight."""
     global _worker_tokenizer
     if workers == 1:
         _worker_tokenizer = tokenizer
-        yield from (task(chunk, seq_len) for chunk in chunks)
+        yield from (task(*args) for args in calls)
         return
     context = multiprocessing.get_context("spawn")  # the parent may hold JAX's threads: never fork it
     with context.Pool(workers, initializer=_start_worker, initargs=(tokenizer.path,)) as pool:
         pending = collections.deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(task, (chunk, seq_len)))
+        for args in calls:
+            pending.append(pool.apply_async(task, args))
             if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
                 yield pending.popleft().get()
         while pending:
@@ -103,14 +107,20 @@ def prepare(sources: Sequence[str], out: str, kind: str = "pretrain", seq_len: i
         sizes, writer = _SourceSizes(bar), store.StoreWriter(directory, kind, seq_len, shard_rows)
         dropped = 0
         if kind == "pretrain":
-            chunks = pretrain.chunked(sizes.texts(sources, text_field), group_lines)
-            for blocks in _in_order(_blocks_task, chunks, seq_len, workers, tok):
-                writer.add_blocks(blocks)
+            chunks = pretrain.chunked(pretrain.chunked(sizes.texts(sources, text_field), group_lines),
+                                      LINE_CHUNKS_PER_TASK)
+            parts = os.path.join(directory, ".parts")
+            os.mkdir(parts)
+            calls = ((chunk, seq_len, os.path.join(parts, f"{index}.bin")) for index, chunk in enumerate(chunks))
+            for index, rows in enumerate(_in_order(_blocks_task, calls, workers, tok)):
+                writer.add_block_file(os.path.join(parts, f"{index}.bin"), rows)
+            os.rmdir(parts)
             rules = {"group_lines": group_lines, "add_bos": True, "add_eos": True, "text_field": text_field,
                      "recipe": "run_clm_pt_with_peft.py group_texts per chunk, remainders dropped"}
         else:
             chunks = pretrain.chunked(sizes.records(sources), SFT_CHUNK)
-            for examples, chunk_dropped in _in_order(_examples_task, chunks, seq_len, workers, tok):
+            calls = ((chunk, seq_len) for chunk in chunks)
+            for examples, chunk_dropped in _in_order(_examples_task, calls, workers, tok):
                 writer.add_examples(examples)
                 dropped += chunk_dropped
             rules = {"recipe": "build_dataset.py: [INST] prompt [/INST] with BOS, output + EOS, cut to seq_len, "

@@ -19,8 +19,7 @@ import numpy as np
 
 def chunk_blocks(lines: Sequence[str], tokenizer, block_size: int, add_eos: bool = True) -> np.ndarray:
     """int32 [n, block_size]: the blocks of one chunk of lines (its remainder dropped)."""
-    eos = [tokenizer.eos_id] if add_eos else []
-    ids = list(chain.from_iterable(tokenizer.encode(text, add_bos=True) + eos for text in lines))
+    ids = list(chain.from_iterable(tokenizer.encode_lines(lines, add_eos)))
     usable = len(ids) // block_size * block_size
     return np.asarray(ids[:usable], dtype=np.int32).reshape(-1, block_size)
 

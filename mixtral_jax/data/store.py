@@ -82,6 +82,20 @@ class StoreWriter:
             self._count(take, take * self.seq_len)
             blocks = blocks[take:]
 
+    def add_block_file(self, path: str, rows: int) -> None:
+        """Blocks a worker wrote to `path` (raw int32 [rows, seq_len]), moved into the shards by the kernel
+        (copy_file_range: this process never reads them; sending them back through a pipe cost data prepare a
+        fifth of its throughput) and deleted."""
+        row_bytes = self.seq_len * np.dtype(np.int32).itemsize
+        with open(path, "rb") as source:
+            done = 0
+            while done < rows:
+                take = min(self._room(), rows - done)
+                _copy_range(source, self.files["blocks"], done * row_bytes, take * row_bytes)
+                self._count(take, take * self.seq_len)
+                done += take
+        os.unlink(path)
+
     def add_examples(self, examples: Examples) -> None:
         """SFT examples (one in-memory shard, as `Examples.from_pairs` makes them)."""
         (arrays,) = examples.shards
@@ -118,6 +132,21 @@ class StoreWriter:
                     "shard_rows": self.shard_rows, "shards": self.shards}
         write_json(os.path.join(self.directory, MANIFEST), manifest)
         return manifest
+
+
+def _copy_range(source: BinaryIO, target: BinaryIO, offset: int, count: int) -> None:
+    """`count` bytes of `source` from `offset` appended to `target`, in the kernel where it can."""
+    target.flush()
+    while count:
+        try:
+            copied = os.copy_file_range(source.fileno(), target.fileno(), count, offset)
+        except OSError:  # another file system or an older kernel: through this process
+            source.seek(offset)
+            copied = target.write(source.read(min(count, 1 << 26)))
+            target.flush()
+        if copied == 0:
+            raise DataError(f"{source.name}: ended {count:,} bytes early")
+        offset, count = offset + copied, count - copied
 
 
 def read_manifest(path: str) -> dict:

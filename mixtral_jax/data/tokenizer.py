@@ -24,6 +24,9 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def encode_lines(self, texts: Sequence[str], add_eos: bool) -> list[list[int]]:
+        """Each text's `encode(text, add_bos=True)`, EOS appended when `add_eos`: pre-training's lines."""
+
     def digest(self) -> str: ...
 
 
@@ -53,6 +56,11 @@ class SentencePieceTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
+    def encode_lines(self, texts: Sequence[str], add_eos: bool) -> list[list[int]]:
+        # One call for the whole list: 1.4x the throughput of a call per line. One thread: data prepare runs one
+        # tokenizer per core (SentencePiece would otherwise start threads of its own in every worker).
+        return self._sp.encode(list(texts), add_bos=True, add_eos=add_eos, num_threads=1)
+
     def digest(self) -> str:
         return hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()
 
@@ -79,6 +87,10 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def encode_lines(self, texts: Sequence[str], add_eos: bool) -> list[list[int]]:
+        eos = [self.eos_id] if add_eos else []
+        return [self.encode(text, add_bos=True) + eos for text in texts]
 
     def digest(self) -> str:
         vocabulary = json.dumps(sorted(self._tok.get_vocab().items()), ensure_ascii=False)

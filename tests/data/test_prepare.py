@@ -75,7 +75,7 @@ def test_an_interrupted_prepare_leaves_nothing_and_keeps_an_older_store(tmp_path
     real = prepare_module._blocks_task
     monkeypatch.setattr(prepare_module, "_blocks_task", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        prepare_module.prepare([corpus], str(out), seq_len=32, workers=1, group_lines=50, progress=False)
+        prepare_module.prepare([corpus], str(out), seq_len=32, workers=1, group_lines=10, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["store"]  # no half-written sibling
     np.testing.assert_array_equal(_blocks(str(out)), before)
 

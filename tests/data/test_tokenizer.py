@@ -47,6 +47,9 @@ def test_hf_directory_and_sentencepiece_file_encode_alike(hf_tokenizer_dir):
     assert from_sp_dir.encode(TEXTS[2]) == default.encode(TEXTS[2])
     # transformers' fast Llama tokenizer splits runs of leading spaces differently from SentencePiece itself,
     # which is why the embedded default reads the .model file directly.
+    for tok in (default, from_hf):  # pre-training's batch call: each line with BOS, and EOS when asked
+        assert tok.encode_lines(TEXTS[:2], add_eos=True) == [tok.encode(t) + [tok.eos_id] for t in TEXTS[:2]]
+        assert tok.encode_lines(TEXTS[:2], add_eos=False) == [tok.encode(t) for t in TEXTS[:2]]
     for text in TEXTS[:2]:
         assert from_hf.encode(text) == default.encode(text) == from_sp_dir.encode(text)
         assert from_hf.encode(text, add_bos=False) == default.encode(text, add_bos=False)
