@@ -6,16 +6,23 @@
 # First checks those kernels against their fp32 references (bench/bench_gpu_kernels.py). Prints one JSON line
 # per run (tokens_per_s, mfu against the GPU's bf16 data-sheet peak, peak memory) and a summary table; about
 # 4-5 minutes. A run that fails is reported and the others go on.
+# Then, at Mixtral-8x7B's real widths (preset mixtral-8x7b-slice: as many layers as `mixtral-jax plan` says fit
+# one H200 per mode, FULL_LAYERS / LORA_LAYERS / QLORA_LAYERS), the three modes again with SLICE_BATCH x SLICE_SEQ
+# tokens, and tokamax's kernels against ours (bench_gpu_kernels --tokamax; needs `pip install -e ".[gpu]"`).
+# SLICE=0 skips that part (about 4 more minutes).
 #
 #   bash bench/gpu.sh [STEPS] [BATCH] [SEQ]        (defaults 10, 8, 2048; GMM= and ATTENTION= override the
-#                                                  kernels: GMM=ragged_dot ATTENTION=xla is the baseline)
+#                                                  kernels: GMM=ragged_dot ATTENTION=xla is the baseline;
+#                                                  REMAT= the remat policy, default dots_no_batch)
 #
 # Needs jax with CUDA in the Python that runs it (PYTHON, default .venv/bin/python):
 #   pip install -e . "jax[cuda12]==0.10.2"
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 STEPS="${1:-10}" BATCH="${2:-8}" SEQ="${3:-2048}"
-GMM="${GMM:-mosaic_gpu}" ATTENTION="${ATTENTION:-cudnn}"
+GMM="${GMM:-mosaic_gpu}" ATTENTION="${ATTENTION:-cudnn}" REMAT="${REMAT:-dots_no_batch}"
+SLICE="${SLICE:-1}" SLICE_BATCH="${SLICE_BATCH:-2}" SLICE_SEQ="${SLICE_SEQ:-4096}"
+FULL_LAYERS="${FULL_LAYERS:-4}" LORA_LAYERS="${LORA_LAYERS:-24}" QLORA_LAYERS="${QLORA_LAYERS:-32}"
 PYTHON="${PYTHON:-.venv/bin/python}"
 [[ -x "$PYTHON" ]] || PYTHON=python3
 
@@ -29,22 +36,34 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 "$PYTHON" -m bench.bench_gpu_kernels --batch "$BATCH" --seq "$SEQ" --json "$OUT/kernels.json" ||
   echo "bench/gpu.sh: the kernel check failed (above)" >&2
 
-step() {  # step NAME MODE GROUPED_MATMUL ATTENTION
-  "$PYTHON" -m mixtral_jax.cli bench train --config bench-1b --mode "$2" --steps "$STEPS" --batch "$BATCH" \
-    --seq "$SEQ" --moe-backend dropless dtype=bfloat16 param_dtype=bfloat16 grouped_matmul="$3" \
-    attention_implementation="$4" remat_policy=dots_no_batch > "$OUT/$1.log" 2>&1
+step() {  # step NAME MODE GROUPED_MATMUL ATTENTION [PRESET BATCH SEQ KEY=VALUE...]
+  local name=$1 mode=$2 gmm=$3 attention=$4 preset=${5:-bench-1b} batch=${6:-$BATCH} seq=${7:-$SEQ}
+  shift $(($# < 7 ? $# : 7))
+  "$PYTHON" -m mixtral_jax.cli bench train --config "$preset" --mode "$mode" --steps "$STEPS" --batch "$batch" \
+    --seq "$seq" --moe-backend dropless dtype=bfloat16 param_dtype=bfloat16 grouped_matmul="$gmm" \
+    attention_implementation="$attention" remat_policy="$REMAT" "$@" > "$OUT/$name.log" 2>&1
   local status=$?
-  if ((status == 0)); then tail -n 1 "$OUT/$1.log" | tee "$OUT/$1.json"
-  else echo "bench/gpu.sh: $1 failed (exit $status):" >&2; tail -n 20 "$OUT/$1.log" >&2; fi
+  if ((status == 0)); then tail -n 1 "$OUT/$name.log" | tee "$OUT/$name.json"
+  else echo "bench/gpu.sh: $name failed (exit $status):" >&2; tail -n 20 "$OUT/$name.log" >&2; fi
 }
 for mode in full lora qlora; do step "$mode" "$mode" "$GMM" "$ATTENTION"; done
 step full-baseline full ragged_dot xla
+RUNS=(full lora qlora full-baseline)
+if [[ $SLICE == 1 ]]; then
+  step slice-full full "$GMM" "$ATTENTION" mixtral-8x7b-slice "$SLICE_BATCH" "$SLICE_SEQ" num_hidden_layers="$FULL_LAYERS"
+  step slice-lora lora "$GMM" "$ATTENTION" mixtral-8x7b-slice "$SLICE_BATCH" "$SLICE_SEQ" num_hidden_layers="$LORA_LAYERS"
+  step slice-qlora qlora "$GMM" "$ATTENTION" mixtral-8x7b-slice "$SLICE_BATCH" "$SLICE_SEQ" \
+    num_hidden_layers="$QLORA_LAYERS"
+  RUNS+=(slice-full slice-lora slice-qlora)
+  "$PYTHON" -m bench.bench_gpu_kernels --tokamax --batch "$BATCH" --seq "$SEQ" --json "$OUT/tokamax.json" ||
+    echo "bench/gpu.sh: the tokamax comparison failed (above)" >&2
+fi
 
-"$PYTHON" - "$OUT" <<'PY'
+"$PYTHON" - "$OUT" "${RUNS[@]}" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 print("| run | tokens/s | MFU | step ms | compile s | peak RSS MB |\n|---|---:|---:|---:|---:|---:|")
-for run in ("full", "lora", "qlora", "full-baseline"):
+for run in sys.argv[2:]:
     path = out / f"{run}.json"
     if not path.exists():
         print(f"| {run} | failed | | | | |")

@@ -18,9 +18,9 @@ from mixtral_jax.errors import ConfigError
 
 MOE_BACKENDS = ("dense", "dropless", "capacity")
 EXPERT_EXCHANGES = ("auto", "ragged", "padded")
-GROUPED_MATMULS = ("auto", "ragged_dot", "mosaic_gpu", "megablox", "blocked")
+GROUPED_MATMULS = ("auto", "ragged_dot", "mosaic_gpu", "megablox", "blocked", "tokamax")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_and_experts")
 DTYPES = ("float32", "bfloat16", "float16")
 # Other spellings of DTYPES (lower case): the short forms and torch's names ("float" and "half" as torch means them).
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "f32": "float32", "float": "float32", "fp16": "float16",
@@ -72,7 +72,7 @@ class MixtralConfig:
     # Implementation (ours).
     moe_backend: str = "dropless"
     # The dropless experts' product: "mosaic_gpu" (Hopper GPUs), "ragged_dot" (TPU), "blocked" (CPU); "auto"
-    # picks by the default device (kernels/select.py).
+    # picks by the default device (kernels/select.py). "tokamax": tokamax's ragged_dot (extra `gpu`), on trial.
     grouped_matmul: str = "auto"
     moe_block_size: int = 128  # rows per block of the "blocked" grouped product
     # How dropless rows reach experts split over the mesh: "ragged" (only the real rows; TPU, GPU), "padded"
@@ -82,6 +82,8 @@ class MixtralConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     scan_layers: bool = True
+    # Per layer under "full": nothing saved; "dots" / "dots_no_batch": matmul outputs (without batch dims);
+    # "dots_and_experts": dots_no_batch plus the experts' products (a Pallas call is no dot), see transformer.py.
     remat_policy: str = "none"
     attention_chunk: int | None = None  # attend in blocks of this many queries when longer (bounded memory)
     attention_implementation: str = "auto"  # "cudnn" (NVIDIA, bf16/fp16), "splash" (TPU), "xla"; "auto" picks

@@ -67,8 +67,11 @@ def register_plan(commands) -> None:
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--devices", type=int, default=None, help="simulated devices (default: the mesh's product)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw"])
-    p.add_argument("--qlora", action="store_true",
-                   help="plan QLoRA: the paper's adapters (r 64, alpha 128, all 8 targets) over an NF4 base")
+    modes = p.add_mutually_exclusive_group()
+    modes.add_argument("--qlora", action="store_true",
+                       help="plan QLoRA: the paper's adapters (r 64, alpha 128, all 8 targets) over an NF4 base")
+    modes.add_argument("--lora", action="store_true",
+                       help="plan LoRA: the same adapters over the base in its own dtype (default: full fine-tuning)")
     p.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16", "param"],
                    help="dtype of AdamW's mu and nu ('param': the parameters' dtype, optax's default)")
     p.add_argument("--master-dtype", default="float32", choices=["float32", "param"],
@@ -88,8 +91,7 @@ def _argv(args) -> list[str]:
         argv += ["--devices", str(args.devices)]
     if args.json is not None:
         argv += ["--json", args.json]
-    if args.qlora:
-        argv.append("--qlora")
+    argv += ["--qlora"] if args.qlora else ["--lora"] if args.lora else []
     return argv + list(args.overrides)
 
 
@@ -128,7 +130,8 @@ def run(args) -> int:
 
     request = PlanRequest(config, args.mesh, args.batch, args.seq,
                           optimizer=OptimizerConfig(state_dtype=args.state_dtype, master_dtype=args.master_dtype),
-                          qlora=LoraConfig() if args.qlora else None, preset=args.preset, overrides=args.overrides)
+                          qlora=LoraConfig() if args.qlora or args.lora else None, quantize=not args.lora,
+                          preset=args.preset, overrides=args.overrides)
     result = plan(request, devices=devices, progress=progress)
     if args.json == "-":
         print(json.dumps(result.to_json(), indent=2))

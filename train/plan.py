@@ -6,6 +6,10 @@ bytes each device needs. The figures are per device. They are checked against a 
 library's parameter shapes (`checkpoints.name_map.param_shapes`), divided by the shards their partition specs
 make. The optimizer is the trainer's own (`train.optim.make_optimizer`), so its state is what a run holds.
 
+The communication of a step is counted too, per device, as a TPU would run it (`parallel.collectives`): the
+collectives XLA's SPMD partitioner inserts from this CPU compilation, the explicit ones (the expert exchange)
+from the step lowered for TPU, traced with what "auto" picks there.
+
 On CPU a mesh of N devices needs `XLA_FLAGS=--xla_force_host_platform_device_count=N` before jax starts its
 backends; `ensure_cpu_devices` sets it when it still can (see `train/cli.py` for the re-run when it cannot).
 """
@@ -29,10 +33,12 @@ from jax.sharding import Mesh, NamedSharding
 from mixtral_jax.checkpoints.name_map import param_shapes
 from mixtral_jax.checkpoints.orbax_keys import is_expert
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.kernels.select import expert_exchange_kind
 from mixtral_jax.model.lora import LoraConfig, LoRAParam
 from mixtral_jax.model.nf4_base import quantize_base
 from mixtral_jax.model.targets import LINEAR_WEIGHTS
 from mixtral_jax.model.transformer import Mixtral
+from mixtral_jax.parallel.collectives import compile_partitioned, retarget
 from mixtral_jax.parallel.sharding import (
     MESH_AXES,
     MeshError,
@@ -104,6 +110,7 @@ class Plan:
     overrides: list[str]
     mesh: dict[str, int]
     devices: int
+    mode: str                    # full, lora or qlora
     batch: int
     seq: int
     optimizer: str
@@ -116,7 +123,8 @@ class Plan:
     bytes: dict[str, int]        # per device, from the abstract shapes and from the compiled memory analysis
     hand: dict[str, Any]         # the hand count, per device
     fits: dict[str, dict]
-    lower_seconds: float
+    collective_bytes: dict[str, int]  # per device and step, as lowered for TPU: parallel.collectives.KINDS
+    lower_seconds: float         # lowering for this CPU and for TPU, and counting the collectives
     compile_seconds: float
     host_peak_rss_bytes: int
 
@@ -127,7 +135,8 @@ class Plan:
 @dataclasses.dataclass(frozen=True)
 class PlanRequest:
     """What to plan: the model, the mesh spec, the global batch [batch, seq], the trainer's optimizer settings
-    and, for QLoRA, the adapters (None: full fine-tuning). `preset` and `overrides` only label the report."""
+    and, for LoRA and QLoRA, the adapters (None: full fine-tuning), over an NF4 base with `quantize` (QLoRA) or
+    the model's own dtype (LoRA). `preset` and `overrides` only label the report."""
 
     config: MixtralConfig
     mesh: str
@@ -135,6 +144,7 @@ class PlanRequest:
     seq: int
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     qlora: LoraConfig | None = None
+    quantize: bool = True
     preset: str = ""
     overrides: tuple[str, ...] = ()
 
@@ -142,6 +152,10 @@ class PlanRequest:
         if self.batch <= 0 or self.seq <= 0:
             raise ValueError(f"--batch and --seq must be positive, got {self.batch} and {self.seq}")
         object.__setattr__(self, "overrides", tuple(self.overrides))
+
+    @property
+    def mode(self) -> str:
+        return "full" if self.qlora is None else "qlora" if self.quantize else "lora"
 
     @property
     def state_dtype(self) -> str:
@@ -168,31 +182,39 @@ class AbstractInputs(NamedTuple):
 def plan(request: PlanRequest, *, devices: Sequence[jax.Device] | None = None,
          progress: Callable[[str], None] | None = None) -> Plan:
     """Lowers and compiles the train step of `request` on its mesh over `devices` (default: as many CPU devices
-    as the spec names), with the trainer's own optimizer, and returns its per-device memory figures."""
+    as the spec names), with the trainer's own optimizer, and returns its per-device memory figures and the
+    collective bytes of a step as lowered for TPU."""
     config = request.config
     devices, mesh = _plan_mesh(request, devices)
-    model = _abstract_model(config, request.qlora)
     trainable = nnx.Param if request.qlora is None else LoRAParam
     # total_steps only shapes the learning-rate schedule, not the memory.
     tx = make_optimizer(request.optimizer, total_steps=1)
-    step = make_train_step(model, tx, mesh, (request.batch, request.seq), trainable=trainable,
-                           master_dtype=master_dtype(request.optimizer))
+
+    def build(model_config: MixtralConfig) -> tuple[Mixtral, TrainStep]:
+        model = _abstract_model(model_config, request.qlora, request.quantize)
+        return model, make_train_step(model, tx, mesh, (request.batch, request.seq), trainable=trainable,
+                                      master_dtype=master_dtype(request.optimizer))
+
+    model, step = build(config)
+    tpu_step = step if as_on_tpu(config) == config else build(as_on_tpu(config))[1]
     inputs = _abstract_inputs(model, trainable, tx, step, request)
     state_dtype = request.optimizer.state_dtype
     hand = (hand_count(config, inputs.params, inputs.batch, mesh, state_dtype, request.master_dtype)
             if request.qlora is None
-            else qlora_hand_count(config, request.qlora, inputs.params, inputs.frozen, inputs.batch, state_dtype))
+            else qlora_hand_count(config, request.qlora, inputs.params, inputs.frozen, inputs.batch, state_dtype,
+                                  request.quantize))
     if progress:
         progress(f"compiling the {request.preset or 'model'} train step for {len(devices)} simulated devices "
                  f"(mesh {_mesh_text(mesh)}, batch {request.batch} x {request.seq}); this can take a minute ...")
-    memory, lower_seconds, compile_seconds = _compile(step, inputs)
+    memory, collectives, lower_seconds, compile_seconds = _compile(step, tpu_step, inputs)
     figures = _figures(inputs, memory)
     _compare_with_hand_count(hand, figures)
     return Plan(preset=request.preset, overrides=list(request.overrides), mesh=dict(mesh.shape), devices=len(devices),
-                batch=request.batch, seq=request.seq, optimizer=OPTIMIZER, state_dtype=request.state_dtype,
+                mode=request.mode, batch=request.batch, seq=request.seq, optimizer=OPTIMIZER, state_dtype=request.state_dtype,
                 param_dtype=config.param_dtype, master_dtype=request.master_dtype,
                 remat_policy=config.remat_policy, moe_backend=config.moe_backend,
                 param_count=hand["param_count"], bytes=figures, hand=hand, fits=_fits(figures["total"]),
+                collective_bytes=collectives,
                 lower_seconds=round(lower_seconds, 3), compile_seconds=round(compile_seconds, 3),
                 host_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
@@ -211,12 +233,14 @@ def _plan_mesh(request: PlanRequest, devices: Sequence[jax.Device] | None) -> tu
     return devices, mesh
 
 
-def _abstract_model(config: MixtralConfig, qlora: LoraConfig | None) -> Mixtral:
-    """The model's shapes only, nothing allocated; with `qlora`, adapters over the layers' linear weights frozen
-    in NF4."""
-    if qlora is None:
+def _abstract_model(config: MixtralConfig, lora: LoraConfig | None, quantize: bool = True) -> Mixtral:
+    """The model's shapes only, nothing allocated; with `lora`, adapters over the layers' linear weights, frozen
+    in NF4 when `quantize`."""
+    if lora is None:
         return nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
-    return nnx.eval_shape(lambda: quantize_base(Mixtral(config, rngs=nnx.Rngs(0), lora=qlora)))
+    if not quantize:
+        return nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0), lora=lora))
+    return nnx.eval_shape(lambda: quantize_base(Mixtral(config, rngs=nnx.Rngs(0), lora=lora)))
 
 
 def _abstract_inputs(model, trainable, tx: optax.GradientTransformation, step: TrainStep,
@@ -235,18 +259,30 @@ def _abstract_inputs(model, trainable, tx: optax.GradientTransformation, step: T
         frozen=jax.tree.map(sharded, abstract_frozen, step.frozen_shardings))
 
 
-def _compile(step: TrainStep, inputs: AbstractInputs):
-    """(XLA's memory analysis of the compiled step, seconds to lower, seconds to compile)."""
+def as_on_tpu(config: MixtralConfig) -> MixtralConfig:
+    """`config` with the choices "auto" makes at trace time on TPU where they change the collectives: the
+    expert exchange (on this CPU "auto" is the padded one, on TPU the ragged one)."""
+    return config.replace(expert_exchange=expert_exchange_kind(config.expert_exchange, platform="tpu"))
+
+
+def _compile(step: TrainStep, tpu_step: TrainStep, inputs: AbstractInputs):
+    """(XLA's memory analysis of the compiled step, its collective bytes as lowered for TPU, seconds to lower
+    and count, seconds to compile)."""
+    args = (inputs.params, inputs.opt_state, inputs.batch, inputs.frozen, None)
     start = time.perf_counter()
-    lowered = step.step.lower(inputs.params, inputs.opt_state, inputs.batch, inputs.frozen, None)
+    lowered = step.step.lower(*args)
+    tpu_lowered = tpu_step.step.trace(*args).lower(lowering_platforms=("tpu",))
     lower_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    compiled = lowered.compile()
+    compiled, partitioned = compile_partitioned(lowered)
     compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    collectives = retarget(partitioned, lowered.as_text(dialect="hlo"), tpu_lowered.as_text(dialect="hlo"))
+    lower_seconds += time.perf_counter() - start
     memory = compiled.memory_analysis()
     if memory is None:
         raise RuntimeError(f"the {jax.default_backend()} compiler gives no memory analysis")
-    return memory, lower_seconds, compile_seconds
+    return memory, collectives, lower_seconds, compile_seconds
 
 
 def _figures(inputs: AbstractInputs, memory) -> dict[str, int]:
@@ -299,11 +335,11 @@ def nf4_base_bytes(config: MixtralConfig, double_quant: bool = True) -> int:
 
 
 def qlora_hand_count(config: MixtralConfig, lora: LoraConfig, params, frozen, batch_in: Mapping,
-                     state_dtype: str) -> dict[str, Any]:
-    """QLoRA per device: adapters r (in + out) per targeted weight (per expert for w1, w2, w3) in the adapter
+                     state_dtype: str, quantize: bool = True) -> dict[str, Any]:
+    """(Q)LoRA per device: adapters r (in + out) per targeted weight (per expert for w1, w2, w3) in the adapter
     dtype (fp32) with AdamW moments in `state_dtype`; the frozen NF4 weights as `nf4_base_bytes` counts them
-    (~4.127 bits per parameter); embeddings, LM head and norms in the parameter dtype. Divided by each array's
-    shards."""
+    (~4.127 bits per parameter), or with `quantize` off in the parameter dtype; embeddings, LM head and norms in
+    the parameter dtype. Divided by each array's shards."""
     d, f, e = config.hidden_size, config.intermediate_size, config.num_local_experts
     h, kv, hd, layers = (config.num_attention_heads, config.num_key_value_heads, config.resolved_head_dim,
                          config.num_hidden_layers)
@@ -320,7 +356,7 @@ def qlora_hand_count(config: MixtralConfig, lora: LoraConfig, params, frozen, ba
     adapter_elements = sum(math.prod(leaf.shape) // _shards(leaf.sharding) for leaf in leaves)
     shapes = param_shapes(config)
     quantised = {n: s for n, s in shapes.items() if n.split(".")[-1] in LINEAR_WEIGHTS}
-    nf4_bytes = nf4_base_bytes(config)
+    nf4_bytes = nf4_base_bytes(config) if quantize else sum(math.prod(s) for s in quantised.values()) * param_bytes
     other_bytes = sum(math.prod(s) for n, s in shapes.items() if n not in quantised) * param_bytes
     frozen_per_device = _per_device(frozen)  # its split follows the weights' rules, checked in the tests
     batch_shards = _shards(next(iter(batch_in.values())).sharding)
@@ -382,7 +418,7 @@ def format_plan(p: Plan) -> str:
         f"plan: {p.preset or 'model'}{' ' + ' '.join(p.overrides) if p.overrides else ''}: "
         f"{_count_text(p.param_count)} parameters in {p.param_dtype} (trained in {p.master_dtype}), "
         f"{p.optimizer} with {p.state_dtype} mu and nu, "
-        f"remat {p.remat_policy}, moe {p.moe_backend}",
+        f"remat {p.remat_policy}, moe {p.moe_backend}; {p.mode}",
         f"mesh {_mesh_text(p.mesh)} on {p.devices} simulated devices; batch {p.batch} x {p.seq} tokens",
         f"lowered in {p.lower_seconds:.1f} s, compiled in {p.compile_seconds:.1f} s; "
         f"host peak RSS {p.host_peak_rss_bytes / GiB:.2f} GiB",
@@ -405,8 +441,10 @@ def format_plan(p: Plan) -> str:
         lines.append(f"  {name:<10}{fit['hbm_gib']:>7}   {'yes' if fit['fits'] else 'no ':<4}{fit['headroom_gib']:>12.2f}")
     lines.append("(temporaries are XLA:CPU's buffer assignment, which keeps many bf16 values in f32; a TPU or GPU "
                  "compile fuses and schedules differently)")
+    lines += ["", "collectives per device and step, as lowered for TPU     GiB"]
+    lines += [f"  {kind:<22}{_gib(count)}" for kind, count in p.collective_bytes.items()]
     return "\n".join(lines)
 
 
-__all__ = ["CHIPS", "Plan", "PlanRequest", "config_param_count", "ensure_cpu_devices", "format_plan",
+__all__ = ["CHIPS", "Plan", "PlanRequest", "as_on_tpu", "config_param_count", "ensure_cpu_devices", "format_plan",
            "hand_count", "nf4_base_bytes", "plan", "qlora_hand_count", "with_device_count"]

@@ -57,9 +57,14 @@ class _SourceSizes:
 
     def texts(self, sources: Sequence[str], text_field: str) -> Iterator[str]:
         for source in sources:
+            size = 0
             for text in read_texts(source, text_field):
-                self.add(source, len(text.encode("utf-8")))
+                size += len(text.encode("utf-8"))
+                if size >= 1 << 20:  # the bar moves a MiB at a time: this loop runs once per line
+                    self.add(source, size)
+                    size = 0
                 yield text
+            self.add(source, size)
 
     def records(self, sources: Sequence[str]) -> Iterator[dict]:
         for source in sources:

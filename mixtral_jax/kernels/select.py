@@ -45,8 +45,9 @@ def attention_implementation(requested: str, dtype) -> str:
     return "cudnn" if _nvidia(device) and jnp.dtype(dtype) in _CUDNN_DTYPES else "xla"
 
 
-def expert_exchange_kind(requested: str) -> str:
-    """The ragged all-to-all moves only real rows, but XLA's CPU backend has none: fixed buffers there."""
+def expert_exchange_kind(requested: str, platform: str | None = None) -> str:
+    """The ragged all-to-all moves only real rows, but XLA's CPU backend has none: fixed buffers there.
+    `platform` (default: the default device's) lets `plan` ask what a TPU would run."""
     if requested != "auto":
         return requested
-    return "padded" if default_device().platform == "cpu" else "ragged"
+    return "padded" if (platform or default_device().platform) == "cpu" else "ragged"

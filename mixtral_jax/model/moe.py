@@ -7,7 +7,8 @@ All backends compute `sum_j w_j * expert_{e_j}(x)` over the top-k experts `e_j` 
 * `dropless`: assignments sorted by expert, one grouped matrix product per weight, nothing dropped.
   The grouped product is JAX's Pallas megablox kernel for TPUs (`gmm_tpu`, MaxText's), JAX's Pallas kernels
   for Hopper GPUs (`gmm_gpu`; XLA's GPU ragged_dot, like its CPU one, computes every group densely),
-  `jax.lax.ragged_dot` (other devices) or a blocked product of our own (CPU).
+  `jax.lax.ragged_dot` (other devices) or a blocked product of our own (CPU); tokamax's `ragged_dot`
+  (`gmm_tokamax`) is on trial against `gmm_gpu`.
 * `capacity`: each expert takes at most `capacity` assignments per sequence (GShard), the rest are dropped
   (their contribution is zero, the residual stream carries the token on). Dispatch and combine are gathers.
 
@@ -23,9 +24,11 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.kernels import grouped_matmul_gpu as gmm_gpu
+from mixtral_jax.kernels import grouped_matmul_tokamax as gmm_tokamax
 from mixtral_jax.kernels import grouped_matmul_tpu as gmm_tpu
 from mixtral_jax.kernels.select import grouped_matmul_kind
 from mixtral_jax.model.expert_parallel import dropless_expert_parallel
@@ -102,15 +105,24 @@ def expert_assignments(router_logits: jax.Array, top_k: int, mask: jax.Array | N
     return jnp.einsum("lbtke,bt->le", one_hot, weight)
 
 
+# The name of the experts' products, which the remat policy "dots_and_experts" saves (transformer.py): a
+# Pallas grouped product is no dot, so under "dots_no_batch" the backward computes the experts' forward again.
+EXPERT_PRODUCTS = "expert_products"
+
+
 def _swiglu(x, w1, w3, w2, matmul):
     """w2(silu(w1 x) * w3 x), each weight an array or a (W, Adapter | None) pair; `matmul(lhs, W)` is the
-    backend's (grouped) product, which the adapters reuse: x W + scale * (x A) B."""
+    backend's (grouped) product, which the adapters reuse: x W + scale * (x A) B.
+
+    Each projection's output (with its adapter's share) and each x A is named EXPERT_PRODUCTS: what the
+    backward reads, one [rows, out] per weight (x W alone is read by nothing, so an adapter saves no second)."""
     def apply(lhs, weight):
         w, adapter = weight if isinstance(weight, tuple) else (weight, None)
         out = matmul(lhs, w)
         if adapter is not None:
-            out = out + adapter.scale * matmul(matmul(adapter.input(lhs), adapter.a), adapter.b)
-        return out
+            low_rank = checkpoint_name(matmul(adapter.input(lhs), adapter.a), EXPERT_PRODUCTS)
+            out = out + adapter.scale * matmul(low_rank, adapter.b)
+        return checkpoint_name(out, EXPERT_PRODUCTS)
 
     return apply(jax.nn.silu(apply(x, w1)) * apply(x, w3), w2)
 
@@ -153,6 +165,8 @@ def grouped_product(config: MixtralConfig, group_sizes: jax.Array):
         return lambda rows, weights: gmm_gpu.grouped_matmul(rows, weights, group_sizes)
     if kind == "megablox":
         return lambda rows, weights: gmm_tpu.grouped_matmul(rows, weights, group_sizes)
+    if kind == "tokamax":
+        return lambda rows, weights: gmm_tokamax.grouped_matmul(rows, weights, group_sizes)
     return lambda rows, weights: blocked_grouped_matmul(rows, weights, group_sizes, config.moe_block_size)
 
 

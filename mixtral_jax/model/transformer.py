@@ -18,13 +18,17 @@ from flax import nnx
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.model.attention import Attention, visibility
 from mixtral_jax.model.lora import LoraConfig
-from mixtral_jax.model.moe import SparseMoE
+from mixtral_jax.model.moe import EXPERT_PRODUCTS, SparseMoE
 from mixtral_jax.parallel.sharding import constrain
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The experts' grouped products are Pallas calls (or ragged dots, or loops), which no dot policy saves.
+    "dots_and_experts": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(EXPERT_PRODUCTS)),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -69,6 +70,8 @@ def test_tiny_plan_in_process_matches_the_hand_count(tmp_path, capsys):
     assert plan["devices"] == 8 and plan["mesh"] == {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
     check_against_hand_count(plan, MixtralConfig.from_preset("tiny"), param_bytes=4)
     assert plan["bytes"]["batch"] == 3 * 8 * 128 * 4 // 8
+    assert set(plan["collective_bytes"]) == {"all-to-all", "all-gather", "reduce-scatter", "all-reduce"}
+    assert "collectives per device and step, as lowered for TPU" in printed.out
 
 
 @pytest.mark.slow
@@ -191,3 +194,76 @@ def test_device_count_helpers():
     assert with_device_count("--xla_foo=1 --xla_force_host_platform_device_count=8", 64) == \
         "--xla_foo=1 --xla_force_host_platform_device_count=64"
     assert with_device_count("", 4) == "--xla_force_host_platform_device_count=4"
+
+
+# The tiny model with a small vocabulary, so that the layers' weights, not the embeddings, make the traffic.
+SMALL_VOCAB = {"vocab_size": 512}
+
+
+def small_plan(mesh: str, devices: int, **overrides):
+    from train.plan import PlanRequest, plan
+
+    config = MixtralConfig.from_preset("tiny", {**SMALL_VOCAB, **overrides})
+    return config, plan(PlanRequest(config, mesh, 8, 32), devices=jax.devices("cpu")[:devices])
+
+
+@pytest.mark.slow
+def test_fsdp_gathers_the_weights_and_scatters_their_gradients():
+    """fsdp=8 splits every weight (the experts over their embedding dimension too, which shard_map gathers):
+    each is all-gathered for the forward and again for the backward, and its gradient, as large as the
+    parameters, is reduce-scattered; only scalars (the loss, the gradient norm) are all-reduced."""
+    config, result = small_plan("fsdp=8", 8)
+    parameters = config_param_count(config) * 4
+    traffic = result.collective_bytes
+    assert parameters <= traffic["all-gather"] <= 3 * parameters
+    assert 0.9 * parameters <= traffic["reduce-scatter"] <= 2 * parameters
+    assert traffic["all-reduce"] < 1e-3 * parameters
+
+
+@pytest.mark.slow
+def test_expert_parallel_exchanges_rows_as_a_tpu_would():
+    """expert=8 as lowered for TPU: "auto" is the ragged exchange there, which moves each device's real rows
+    (batch x seq / 8 tokens x top-2, 64 fp32 each) four times per layer (to the experts and back, forward and
+    backward), plus the row counts; the CPU program's padded exchange would move 8 times that."""
+    config, result = small_plan("expert=8", 8)
+    rows = 8 * 32 // 8 * config.num_experts_per_tok
+    exchanged = config.num_hidden_layers * 4 * rows * config.hidden_size * 4
+    assert exchanged <= result.collective_bytes["all-to-all"] <= exchanged + 1024
+
+
+@pytest.mark.slow
+def test_one_device_has_no_collectives():
+    _, result = small_plan("fsdp=1", 1)
+    assert result.collective_bytes == {"all-to-all": 0, "all-gather": 0, "reduce-scatter": 0, "all-reduce": 0}
+
+
+def test_the_tpu_lowering_takes_the_ragged_exchange_auto_picks_there():
+    from train.plan import as_on_tpu
+
+    auto = MixtralConfig.from_preset("tiny")
+    assert auto.expert_exchange == "auto" and as_on_tpu(auto).expert_exchange == "ragged"
+    padded = auto.replace(expert_exchange="padded")
+    assert as_on_tpu(padded) == padded
+
+
+@pytest.mark.slow
+def test_lora_plan_holds_the_base_in_its_own_dtype_beside_the_adapters():
+    """--lora: the QLoRA plan's adapters over the unquantised base, whose frozen bytes are its own dtype's."""
+    from mixtral_jax.checkpoints.name_map import param_shapes
+    from mixtral_jax.model.lora import LoraConfig
+    from mixtral_jax.model.targets import LINEAR_WEIGHTS
+    from train import plan as plan_module
+
+    jax.devices()
+    config = MixtralConfig.from_preset("tiny")
+    plans = {quantize: plan_module.plan(plan_module.PlanRequest(config, "fsdp=2", 2, 16, qlora=LoraConfig(rank=4),
+                                                                quantize=quantize),
+                                        devices=jax.devices("cpu")[:2]) for quantize in (False, True)}
+    lora, qlora = plans[False], plans[True]
+    assert (lora.mode, qlora.mode) == ("lora", "qlora")
+    assert lora.hand["matches"] and lora.bytes["frozen"] == lora.hand["frozen"]
+    itemsize = jax.numpy.dtype(config.param_dtype).itemsize
+    assert lora.hand["frozen_total"] == itemsize * sum(math.prod(s) for s in param_shapes(config).values())
+    linear = sum(math.prod(s) for n, s in param_shapes(config).items() if n.split(".")[-1] in LINEAR_WEIGHTS)
+    assert lora.bytes["params"] == qlora.bytes["params"]  # the same adapters; only the base's bytes differ
+    assert lora.hand["frozen_total"] - qlora.hand["frozen_total"] == itemsize * linear - nf4_base_bytes(config)
