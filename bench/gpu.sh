@@ -6,9 +6,10 @@
 # First checks those kernels against their fp32 references (bench/bench_gpu_kernels.py). Prints one JSON line
 # per run (tokens_per_s, mfu against the GPU's bf16 data-sheet peak, peak memory) and a summary table; about
 # 4-5 minutes. A run that fails is reported and the others go on.
-# Then, at Mixtral-8x7B's real widths (preset mixtral-8x7b-slice: as many layers as `mixtral-jax plan` says fit
-# one H200 per mode, FULL_LAYERS / LORA_LAYERS / QLORA_LAYERS), the three modes again with SLICE_BATCH x SLICE_SEQ
-# tokens, and tokamax's kernels against ours (bench_gpu_kernels --tokamax; needs `pip install -e ".[gpu]"`).
+# Then, at Mixtral-8x7B's real widths (preset mixtral-8x7b-slice with SLICE_LAYERS layers, default 3: what
+# `mixtral-jax plan` says full fine-tuning with fp32 masters and moments fits in one H200), the three modes again
+# on the same slice with SLICE_BATCH x SLICE_SEQ tokens, and tokamax's kernels against ours
+# (bench_gpu_kernels --tokamax; needs `pip install -e ".[gpu]"`).
 # SLICE=0 skips that part (about 4 more minutes).
 #
 #   bash bench/gpu.sh [STEPS] [BATCH] [SEQ]        (defaults 10, 8, 2048; GMM= and ATTENTION= override the
@@ -22,7 +23,7 @@ cd "$(dirname "$0")/.." || exit 2
 STEPS="${1:-10}" BATCH="${2:-8}" SEQ="${3:-2048}"
 GMM="${GMM:-mosaic_gpu}" ATTENTION="${ATTENTION:-cudnn}" REMAT="${REMAT:-dots_no_batch}"
 SLICE="${SLICE:-1}" SLICE_BATCH="${SLICE_BATCH:-2}" SLICE_SEQ="${SLICE_SEQ:-4096}"
-FULL_LAYERS="${FULL_LAYERS:-4}" LORA_LAYERS="${LORA_LAYERS:-24}" QLORA_LAYERS="${QLORA_LAYERS:-32}"
+SLICE_LAYERS="${SLICE_LAYERS:-3}"
 PYTHON="${PYTHON:-.venv/bin/python}"
 [[ -x "$PYTHON" ]] || PYTHON=python3
 
@@ -50,11 +51,11 @@ for mode in full lora qlora; do step "$mode" "$mode" "$GMM" "$ATTENTION"; done
 step full-baseline full ragged_dot xla
 RUNS=(full lora qlora full-baseline)
 if [[ $SLICE == 1 ]]; then
-  step slice-full full "$GMM" "$ATTENTION" mixtral-8x7b-slice "$SLICE_BATCH" "$SLICE_SEQ" num_hidden_layers="$FULL_LAYERS"
-  step slice-lora lora "$GMM" "$ATTENTION" mixtral-8x7b-slice "$SLICE_BATCH" "$SLICE_SEQ" num_hidden_layers="$LORA_LAYERS"
-  step slice-qlora qlora "$GMM" "$ATTENTION" mixtral-8x7b-slice "$SLICE_BATCH" "$SLICE_SEQ" \
-    num_hidden_layers="$QLORA_LAYERS"
-  RUNS+=(slice-full slice-lora slice-qlora)
+  for mode in full lora qlora; do
+    step "slice-$mode" "$mode" "$GMM" "$ATTENTION" mixtral-8x7b-slice "$SLICE_BATCH" "$SLICE_SEQ" \
+      num_hidden_layers="$SLICE_LAYERS"
+    RUNS+=("slice-$mode")
+  done
   "$PYTHON" -m bench.bench_gpu_kernels --tokamax --batch "$BATCH" --seq "$SEQ" --json "$OUT/tokamax.json" ||
     echo "bench/gpu.sh: the tokamax comparison failed (above)" >&2
 fi

@@ -54,7 +54,7 @@ from train.step import BATCH_KEYS, TrainStep, make_train_step, master_weights
 
 GiB = 2 ** 30
 # HBM per chip, as the vendors state it (GiB: these are binary sizes). Runtimes keep a little for themselves.
-CHIPS = (("TPU v4", 32), ("TPU v5e", 16), ("TPU v5p", 95), ("TPU v6e", 32), ("H100", 80))
+CHIPS = (("TPU v4", 32), ("TPU v5e", 16), ("TPU v5p", 95), ("TPU v6e", 32), ("H100", 80), ("H200", 141))
 HAND_COUNT_TOLERANCE = 0.03  # compiled argument bytes vs the hand count (relative)
 OPTIMIZER = "adamw"  # train.optim.make_optimizer's, the only one
 STEP_COUNT_BYTES = 8  # the optimizer's two int32 step counts: Adam's (bias correction) and the schedule's
