@@ -10,15 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixtral_jax.config import MixtralConfig
 from mixtral_jax.errors import ConfigError
 from mixtral_jax.kernels import grouped_matmul_tokamax as gmm_tokamax
 from mixtral_jax.kernels import select as kernels
-from mixtral_jax.model.moe import dropless_experts, route
-from tests.kernels.test_grouped_matmul_gpu import (
-    _problem,
-    _reference_transposed,
-    _value_and_grads,
+from tests.helpers.grouped_products import (
+    moe_block_against_blocked,
+    problem,
+    reference_transposed,
+    value_and_grads,
 )
 
 pytest.importorskip("tokamax")
@@ -44,7 +43,7 @@ def hopper(monkeypatch):
     def contracting(lhs, rhs, group_sizes, out_dtype, config, activation=None):
         assert lhs.dtype == rhs.dtype == jnp.bfloat16 and activation is None
         calls.append("contracting")
-        return _reference_transposed(lhs, rhs, group_sizes).astype(out_dtype)
+        return reference_transposed(lhs, rhs, group_sizes).astype(out_dtype)
 
     monkeypatch.setattr(sm90, "ragged_dot_kernel", ragged)
     monkeypatch.setattr(sm90, "ragged_contracting_dim_dot_kernel", contracting)
@@ -56,8 +55,8 @@ def hopper(monkeypatch):
 
 def _check(rows, weights, sizes, cotangent, tolerance):
     """Product and gradients equal ragged_dot's; the rows past the groups are zero in the product and d_rows."""
-    ours = _value_and_grads(gmm_tokamax.grouped_matmul, rows, weights, sizes, cotangent)
-    reference = _value_and_grads(jax.lax.ragged_dot, rows, weights, sizes, cotangent)
+    ours = value_and_grads(gmm_tokamax.grouped_matmul, rows, weights, sizes, cotangent)
+    reference = value_and_grads(jax.lax.ragged_dot, rows, weights, sizes, cotangent)
     for name, a, b in zip(("product", "d_rows", "d_weights"), ours, reference):
         np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max(), err_msg=name)
     assert not np.any(ours[0][int(sizes.sum()):]) and not np.any(ours[1][int(sizes.sum()):])
@@ -65,13 +64,13 @@ def _check(rows, weights, sizes, cotangent, tolerance):
 
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
 def test_the_cpu_takes_the_xla_path_equal_to_ragged_dot(dtype, tolerance):
-    rows, weights, sizes, cotangent = _problem(dtype)
+    rows, weights, sizes, cotangent = problem(dtype)
     assert gmm_tokamax.implementation(rows, weights) == "xla"
     _check(rows, weights, sizes, cotangent, tolerance)
 
 
 def test_hopper_takes_the_kernels_for_product_and_both_gradients(hopper):
-    rows, weights, sizes, cotangent = _problem(jnp.bfloat16, n=256)
+    rows, weights, sizes, cotangent = problem(jnp.bfloat16, n=256)
     assert gmm_tokamax.implementation(rows, weights) == "mosaic_gpu"
     _check(rows, weights, sizes, cotangent, 2e-2)
     assert sorted(hopper) == ["contracting", "ragged", "ragged"]
@@ -80,30 +79,20 @@ def test_hopper_takes_the_kernels_for_product_and_both_gradients(hopper):
 @pytest.mark.parametrize("dtype, n", [(jnp.float32, 256), (jnp.bfloat16, 192), (jnp.bfloat16, 32)])
 def test_products_the_kernels_do_not_take_go_to_xla_on_hopper(hopper, dtype, n):
     """fp32; 192 columns (whole blocks of 128 only); a LoRA rank of 32."""
-    rows, weights, sizes, cotangent = _problem(dtype, n=n)
+    rows, weights, sizes, cotangent = problem(dtype, n=n)
     assert gmm_tokamax.implementation(rows, weights) == "xla"
     _check(rows, weights, sizes, cotangent, 1e-6 if dtype == jnp.float32 else 2e-2)
     assert hopper == []
 
 
 def test_the_moe_block_on_tokamax_equals_the_blocked_backend(hopper):
-    config = MixtralConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
-                           dtype="bfloat16", grouped_matmul="tokamax")
-    keys = jax.random.split(jax.random.key(2), 5)
-    x = jax.random.normal(keys[0], (2, 8, 128), jnp.bfloat16)
-    w1, w3 = (0.1 * jax.random.normal(key, (4, 128, 256), jnp.bfloat16) for key in keys[1:3])
-    w2 = 0.1 * jax.random.normal(keys[3], (4, 256, 128), jnp.bfloat16)
-    ids, weights = route(jax.random.normal(keys[4], (2, 8, 4)), 2)
-    ours = dropless_experts(x, ids, weights.astype(jnp.bfloat16), w1, w2, w3, config)
-    blocked_config = config.replace(grouped_matmul="blocked")
-    blocked = dropless_experts(x, ids, weights.astype(jnp.bfloat16), w1, w2, w3, blocked_config)
+    ours, blocked = moe_block_against_blocked("tokamax", intermediate=256)
     assert hopper == ["ragged"] * 3
     np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(blocked, np.float32), rtol=2e-2, atol=2e-2)
 
 
 def test_without_tokamax_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "tokamax", None)
-    rows, weights, sizes, _ = _problem(jnp.float32)
+    rows, weights, sizes, _ = problem(jnp.float32)
     with pytest.raises(ConfigError, match=r"mixtral-jax\[gpu\]"):
         gmm_tokamax.grouped_matmul(rows, weights, sizes)

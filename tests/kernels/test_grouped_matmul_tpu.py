@@ -8,6 +8,7 @@ import pytest
 
 import mixtral_jax as mj
 from mixtral_jax.kernels import grouped_matmul_tpu as gmm_tpu
+from tests.helpers.grouped_products import problem, value_and_grads
 
 SIZES = (9, 0, 17, 6)  # an empty group; they cover 32 rows, the rest are padding (as expert parallelism pads)
 
@@ -20,18 +21,11 @@ def small_tiles(monkeypatch):
 
 
 def _problem(dtype, rows=37, k=40, n=48, sizes=SIZES):
-    r1, r2, r3 = jax.random.split(jax.random.key(0), 3)
-    return (jax.random.normal(r1, (rows, k), dtype), jax.random.normal(r2, (len(sizes), k, n), dtype),
-            jnp.asarray(sizes, jnp.int32), jax.random.normal(r3, (rows, n), dtype))
+    return problem(dtype, rows, k, n, sizes)
 
 
 def _value_and_grads(matmul, rows, weights, sizes, cotangent):
-    def loss(r, w):
-        out = matmul(r, w, sizes)
-        return jnp.sum(out.astype(jnp.float32) * cotangent.astype(jnp.float32)), out
-    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(rows, weights)
-    assert out.dtype == rows.dtype and grads[0].dtype == rows.dtype and grads[1].dtype == weights.dtype
-    return [np.asarray(a, np.float32) for a in (out, *grads)]
+    return value_and_grads(matmul, rows, weights, sizes, cotangent, keep_dtypes=True)
 
 
 def _assert_equals_ragged_dot(rows, weights, sizes, cotangent, tolerance):
