@@ -109,18 +109,15 @@ def prepare_once(corpus: str, out: str, workers: int) -> dict:
 
 
 def parent_ceiling(corpus: str) -> float:
-    """MB/s of prepare's parent alone with workers > 1, tokenising nothing: read and count the lines, cut the
-    chunks and pickle them for the pool, as prepare.py does. Taking back and writing the blocks is left out,
-    so this is an upper bound on any number of workers."""
-    from tqdm.auto import tqdm
-
-    from mixtral_jax.data import pretrain
-    from mixtral_jax.data.prepare import _SourceSizes
+    """MB/s of prepare's parent alone with workers > 1, tokenising nothing: find the lines, cut the tasks and
+    pickle them for the pool, as prepare.py does. Taking back and writing the blocks is left out, so this is an
+    upper bound on any number of workers."""
+    from mixtral_jax.data import text_pieces
+    from mixtral_jax.data.prepare import LINE_CHUNKS_PER_TASK
 
     start = time.perf_counter()
-    with tqdm(disable=True) as bar:
-        for chunk in pretrain.chunked(_SourceSizes(bar).texts([corpus], "text"), 1000):
-            pickle.dumps(chunk)
+    for task in text_pieces.tasks([corpus], "text", 1000 * LINE_CHUNKS_PER_TASK):
+        pickle.dumps(task)
     return os.path.getsize(corpus) / 1e6 / (time.perf_counter() - start)
 
 

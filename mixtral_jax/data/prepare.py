@@ -1,10 +1,12 @@
 """`data prepare`'s work: tokenise sources once, in parallel worker processes, into a prepared store
 (mixtral_jax/data/store.py) that the trainer memory-maps at every start.
 
-The parent reads the sources in order and hands out chunks: `group_lines` lines for pre-training (blocks never
-cross a chunk, mixtral_jax/data/pretrain.py, so chunks are independent) or `SFT_CHUNK` records for SFT. Workers
-tokenise; results come back in order, so the store holds exactly the sequences the trainer builds from the same
-raw sources. At most a few chunks per worker are in flight: memory does not grow with the corpus.
+Pre-training tasks are `LINE_CHUNKS_PER_TASK` chunks of `group_lines` documents (blocks never cross a chunk,
+mixtral_jax/data/pretrain.py, so chunks are independent); the workers read a local text file's lines
+themselves (mixtral_jax/data/text_pieces.py), so the parent's work does not grow with the lines. SFT tasks are
+`SFT_CHUNK` records the parent reads. Results come back in order, so the store holds exactly the sequences the
+trainer builds from the same raw sources. At most a few tasks per worker are in flight: memory does not grow
+with the corpus.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from mixtral_jax.data import pretrain, sft, store
+from mixtral_jax.data import pretrain, sft, store, text_pieces
 from mixtral_jax.data.sequences import Examples
-from mixtral_jax.data.texts import DataError, read_texts
+from mixtral_jax.data.texts import DataError
 from mixtral_jax.data.tokenizer import Tokenizer, identity, load_tokenizer
 from mixtral_jax.io import paths
 from mixtral_jax.io.output_dir import output_directory
@@ -37,11 +39,14 @@ def _start_worker(tokenizer_path: str | None) -> None:
     _worker_tokenizer = load_tokenizer(tokenizer_path)
 
 
-def _blocks_task(chunks: list[list[str]], seq_len: int, part: str) -> int:
-    """Writes the chunks' blocks to the file `part` (the parent moves them into the shards); -> their rows."""
-    blocks = np.concatenate([pretrain.chunk_blocks(lines, _worker_tokenizer, seq_len) for lines in chunks])
+def _blocks_task(pieces: list[text_pieces.Piece], group_lines: int, seq_len: int, part: str) -> tuple[int, list]:
+    """Writes the blocks of the task's chunks to the file `part` (the parent moves them into the shards);
+    -> (their rows, the UTF-8 bytes of each piece)."""
+    texts, sizes = text_pieces.read_pieces(pieces)
+    blocks = np.concatenate([pretrain.chunk_blocks(lines, _worker_tokenizer, seq_len)
+                             for lines in pretrain.chunked(texts, group_lines)])
     blocks.astype("<i4", copy=False).tofile(part)
-    return len(blocks)
+    return len(blocks), sizes
 
 
 def _examples_task(records: list[dict], seq_len: int) -> tuple[Examples, int]:
@@ -50,21 +55,10 @@ def _examples_task(records: list[dict], seq_len: int) -> tuple[Examples, int]:
 
 
 class _SourceSizes:
-    """Counts the text bytes read per source while the chunks stream by (the progress bar's MB/s)."""
+    """Counts the text bytes per source (the progress bar's MB/s)."""
 
     def __init__(self, bar):
         self.bar, self.bytes = bar, collections.Counter()
-
-    def texts(self, sources: Sequence[str], text_field: str) -> Iterator[str]:
-        for source in sources:
-            size = 0
-            for text in read_texts(source, text_field):
-                size += len(text.encode("utf-8"))
-                if size >= 1 << 20:  # the bar moves a MiB at a time: this loop runs once per line
-                    self.add(source, size)
-                    size = 0
-                yield text
-            self.add(source, size)
 
     def records(self, sources: Sequence[str]) -> Iterator[dict]:
         for source in sources:
@@ -78,22 +72,24 @@ class _SourceSizes:
 
 
 def _in_order(task: Callable, calls: Iterable[tuple], workers: int, tokenizer: Tokenizer):
-    """task(*args) for every args of `calls`, in order: in this process with one worker, else in a pool of
-    `workers` processes (each loading the tokenizer from its path) with a bounded number of calls in flight."""
+    """(args, task(*args)) for every args of `calls`, in order: in this process with one worker, else in a pool
+    of `workers` processes (each loading the tokenizer from its path) with a bounded number of calls in flight."""
     global _worker_tokenizer
     if workers == 1:
         _worker_tokenizer = tokenizer
-        yield from (task(*args) for args in calls)
+        yield from ((args, task(*args)) for args in calls)
         return
     context = multiprocessing.get_context("spawn")  # the parent may hold JAX's threads: never fork it
     with context.Pool(workers, initializer=_start_worker, initargs=(tokenizer.path,)) as pool:
         pending = collections.deque()
         for args in calls:
-            pending.append(pool.apply_async(task, args))
+            pending.append((args, pool.apply_async(task, args)))
             if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
-                yield pending.popleft().get()
+                args, result = pending.popleft()
+                yield args, result.get()
         while pending:
-            yield pending.popleft().get()
+            args, result = pending.popleft()
+            yield args, result.get()
 
 
 def prepare(sources: Sequence[str], out: str, kind: str = "pretrain", seq_len: int = 1024,
@@ -112,20 +108,22 @@ def prepare(sources: Sequence[str], out: str, kind: str = "pretrain", seq_len: i
         sizes, writer = _SourceSizes(bar), store.StoreWriter(directory, kind, seq_len, shard_rows)
         dropped = 0
         if kind == "pretrain":
-            chunks = pretrain.chunked(pretrain.chunked(sizes.texts(sources, text_field), group_lines),
-                                      LINE_CHUNKS_PER_TASK)
+            tasks = text_pieces.tasks(sources, text_field, group_lines * LINE_CHUNKS_PER_TASK)
             parts = os.path.join(directory, ".parts")
             os.mkdir(parts)
-            calls = ((chunk, seq_len, os.path.join(parts, f"{index}.bin")) for index, chunk in enumerate(chunks))
-            for index, rows in enumerate(_in_order(_blocks_task, calls, workers, tok)):
-                writer.add_block_file(os.path.join(parts, f"{index}.bin"), rows)
+            calls = ((task, group_lines, seq_len, os.path.join(parts, f"{index}.bin"))
+                     for index, task in enumerate(tasks))
+            for (task, *_, part), (rows, piece_bytes) in _in_order(_blocks_task, calls, workers, tok):
+                writer.add_block_file(part, rows)
+                for piece, size in zip(task, piece_bytes):
+                    sizes.add(sources[piece.source], size)
             os.rmdir(parts)
             rules = {"group_lines": group_lines, "add_bos": True, "add_eos": True, "text_field": text_field,
                      "recipe": "run_clm_pt_with_peft.py group_texts per chunk, remainders dropped"}
         else:
             chunks = pretrain.chunked(sizes.records(sources), SFT_CHUNK)
             calls = ((chunk, seq_len) for chunk in chunks)
-            for examples, chunk_dropped in _in_order(_examples_task, calls, workers, tok):
+            for _, (examples, chunk_dropped) in _in_order(_examples_task, calls, workers, tok):
                 writer.add_examples(examples)
                 dropped += chunk_dropped
             rules = {"recipe": "build_dataset.py: [INST] prompt [/INST] with BOS, output + EOS, cut to seq_len, "

@@ -41,6 +41,14 @@ def read_texts(source: str, text_field: str = "text") -> Iterator[str]:
     return (text for path in _text_files(source) for text in _file_texts(path, text_field) if text)
 
 
+def local_files(source: str) -> list[str] | None:
+    """The local files a file, directory or glob source names, in the order read_texts reads them; None for
+    the other sources."""
+    if source.startswith(("bundled:", "hf:", "tfds:")) or paths.is_remote(source):
+        return None
+    return _text_files(source)
+
+
 def _name_and_split(rest: str) -> tuple[str, str]:
     name, sep, split = rest.rpartition(":")
     return (name, split) if sep else (rest, "train")
