@@ -47,7 +47,10 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = None, *, mesh=None, sh
     if dtype is not None:  # jnp.bfloat16, "bf16", ...; a bad one is the caller's, not the checkpoint's
         dtype = canonical_dtype(dtype, "from_pretrained: argument 'dtype'")
     if checkpoint_kind(path) == RUN:
-        return load_run(path, mesh=mesh, **implementation)
+        if lora is not None:
+            raise ValueError(f"from_pretrained: {path} is a training run, which brings its own adapters; "
+                             "'lora' adds fresh ones to a base model only")
+        return load_run(path, mesh=mesh, dtype=dtype, **implementation)
     return load_model_dir(path, dtype, mesh=mesh, show_progress=show_progress, lora=lora, lora_seed=lora_seed,
                           **implementation)
 
@@ -81,16 +84,19 @@ def _with_fresh_adapters(model: Mixtral, run_model: RunModel) -> Mixtral:
 
 
 def load_run(run_dir: str, step: int | None = None, mesh=None, merge: bool = False, root: str | None = None,
-             merge_base: str = "full", **implementation):
-    """The run's model with its trained weights of `step` (default: the latest checkpoint); `implementation`
-    overrides model fields that do not change the weights (moe_backend, scan_layers, ...). With `merge`, the
+             merge_base: str = "full", dtype: str | None = None, **implementation):
+    """The run's model with its trained weights of `step` (default: the latest checkpoint), in `dtype`
+    (default: the run's); `implementation` overrides model fields that do not change the weights (moe_backend,
+    scan_layers, ...). With `merge`, the
     adapters are folded into the base and removed: the full-precision base, as Chinese-Mixtral's release
     merged them, or with `merge_base="nf4"` the dequantised NF4 base the run trained on. `root` replaces
     the model at the bottom of a chain of runs (see `build_model`). A checkpoint that cannot be restored
     (files deleted or truncated) raises a CheckpointError naming it and the run's other steps; there is no
     fall-back to an older one (the trainer's resume falls back, and moves the damaged one aside)."""
     run_model = read_manifest(run_dir)
-    run_model = dataclasses.replace(run_model, implementation={**run_model.implementation, **implementation})
+    run_model = dataclasses.replace(run_model, implementation={**run_model.implementation, **implementation},
+                                    dtype=run_model.dtype if dtype is None
+                                    else canonical_dtype(dtype, "load_run: argument 'dtype'"))
     if merge and merge_base == "full":
         run_model = dataclasses.replace(run_model, quantize="none")
     manager = run_state.open_manager(run_dir)

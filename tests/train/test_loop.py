@@ -11,9 +11,11 @@ import subprocess
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import mixtral_jax as mj
 from mixtral_jax.checkpoints import pretrained
@@ -21,6 +23,7 @@ from mixtral_jax.checkpoints import run_manifest as runs
 from mixtral_jax.checkpoints import run_state as checkpoint
 from mixtral_jax.data.corpora import peoples_daily
 from mixtral_jax.errors import CheckpointError
+from mixtral_jax.model.lora import LoraConfig, LoRAParam
 from tests.helpers.gcs_emulator import fake_gcs
 from train import loop
 from train.config import ConfigError, load_config
@@ -178,6 +181,13 @@ def test_from_pretrained_run_dir_gives_the_trained_model_and_merging_keeps_its_l
     trained_logits = np.asarray(trained(ids).logits)
     assert np.abs(trained_logits - np.asarray(base(ids).logits)).max() > 1e-3
     np.testing.assert_allclose(np.asarray(merged(ids).logits), trained_logits, atol=1e-4, rtol=0)
+    halved = mj.from_pretrained(str(tmp_path), "bf16")  # the dtype asked for, not the run's float32
+    base_dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(halved, nnx.All(nnx.Param, nnx.Not(LoRAParam))))}
+    assert base_dtypes == {jnp.dtype("bfloat16")} and halved.config.dtype == "bfloat16"  # adapters stay fp32
+    halved_logits = np.asarray(halved(ids).logits.astype(jnp.float32))
+    assert 0 < np.abs(halved_logits - trained_logits).max() < 0.1 * np.abs(trained_logits).max()
+    with pytest.raises(ValueError, match="is a training run, which brings its own adapters"):
+        mj.from_pretrained(str(tmp_path), lora=LoraConfig(rank=2))
 
 
 @pytest.mark.slow
