@@ -211,12 +211,24 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, x.shape, mesh, rules)))
 
 
+def constrain_as_used(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`constrain` for a parameter where a layer uses it: whole over `fsdp` (parameters are stored split over
+    fsdp and gathered where they are used, as XLA does for FSDP), split over the other axes as stored. For a
+    weight whose gather should happen on a smaller form of it than the one the layer multiplies by."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    used = {name: tuple(axis for axis in axes if axis != "fsdp") for name, axes in rules.items()}
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, x.shape, mesh, used)))
+
+
 def named_sharding(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                    rules: Mapping | None = None) -> NamedSharding:
     rules = default_rules() if rules is None else rules
     return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules))
 
 
-__all__ = ["MESH_AXES", "MeshError", "active_mesh", "check_mesh_fits", "constrain",
+__all__ = ["MESH_AXES", "MeshError", "active_mesh", "check_mesh_fits", "constrain", "constrain_as_used",
            "default_rules", "logical_to_spec", "make_mesh", "mesh_device_count", "named_sharding", "param_placer",
            "param_shardings", "parse_mesh_spec", "shard_model", "shardings_by_name", "use_mesh"]

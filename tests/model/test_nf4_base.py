@@ -9,9 +9,11 @@ import torch
 from flax import nnx
 
 import mixtral_jax as mj
+from mixtral_jax.model import nf4_base
 from mixtral_jax.model.lora import LoraConfig, LoRAParam
 from mixtral_jax.model.nf4_base import base_nbytes, quantize_base, quantize_model
 from mixtral_jax.parallel import sharding
+from mixtral_jax.parallel.collectives import collective_bytes, compile_partitioned
 from mixtral_jax.quantization.nf4_weight import (
     NF4Weight,
     dequantize_weight,
@@ -105,6 +107,30 @@ def test_nf4_weights_shard_like_the_weights_they_replace():
             return model(ids).logits
 
     np.testing.assert_allclose(np.asarray(logits(model, ids)), np.asarray(reference(ids).logits), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_gathers_the_4_bit_codes_not_the_dequantised_weights(monkeypatch):
+    """The forward's all-gathers on an fsdp mesh, with the codes gathered before dequantising and (the code's
+    former behaviour, `_gathered` undone) without: the fp32 weights are 7x the bytes of their codes and scales."""
+    model = quantize_base(mj.Mixtral(CONFIG, rngs=nnx.Rngs(0)))
+    mesh = sharding.make_mesh("fsdp=8", config=CONFIG)
+    sharding.shard_model(model, mesh)
+    graphdef, state = nnx.split(model)
+    ids = jax.ShapeDtypeStruct((8, 16), np.int32, sharding=sharding.named_sharding(("batch", None), (8, 16), mesh))
+
+    def all_gathered() -> int:
+        def logits(state, ids):
+            with sharding.use_mesh(mesh):
+                return nnx.merge(graphdef, state)(ids).logits
+
+        return collective_bytes(compile_partitioned(jax.jit(logits).lower(state, ids))[1])["all-gather"]
+
+    codes = all_gathered()
+    monkeypatch.setattr(nf4_base, "_gathered", lambda q: q)
+    dequantised = all_gathered()
+    base, _ = base_nbytes(model)
+    assert codes < base < 2 * codes and dequantised > 5 * codes
 
 
 def _abstract_base(config, quantize: str):
