@@ -76,3 +76,31 @@ def test_two_processes_train_as_one(tmp_path):
     assert two == pytest.approx(one, rel=1e-5, abs=1e-5)
     # the final checkpoint was written once, by both processes together (each saves its own shards)
     assert os.listdir(os.path.join(pair_dir, "checkpoints")) == [str(STEPS)]
+
+
+@pytest.mark.slow
+def test_a_locked_run_directory_stops_both_processes_with_one_error(tmp_path):
+    """Process 0 finds the lock of a trainer that still runs (this test's own process) and tells process 1:
+    both exit 2 with one line naming why, and the lock is left as it was."""
+    data = tmp_path / "train.txt"
+    data.write_text("\n".join(islice(read_texts("bundled:peoples-daily"), 50)) + "\n", encoding="utf-8")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = run_dir / "train.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "2026-12-02T00:00:00Z",
+                                "command": "an earlier trainer"}))
+    before = lock.read_text()
+    port = _free_port()
+    procs = [_train(str(run_dir), str(data), 4, {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                                 "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    try:
+        errors = [proc.communicate(timeout=180)[1] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [proc.returncode for proc in procs] == [2, 2], errors
+    assert f"the run directory is in use by process {os.getpid()} on host {socket.gethostname()}" in errors[0]
+    assert "process 0 could not take the run directory's lock" in errors[1]
+    assert all("Traceback" not in err for err in errors)
+    assert lock.read_text() == before and not (run_dir / "checkpoints").exists()
