@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
-
-from mixtral_jax.parallel.sharding import active_mesh, constrain, logical_to_spec
 
 IGNORE_INDEX = -100  # labels that do not count (prompt tokens in SFT, padding), as in transformers
 
@@ -57,12 +54,8 @@ def fused_next_token_nll(hidden: jax.Array, head: jax.Array, labels: jax.Array, 
     three products as autodiff of the whole logits, but the [B, T, V] logits and their gradient (a
     32,000-wide vocabulary makes them larger than the rest of a small model's activations) are never
     written: each chunk's stay in cache. The batch axis stays whole, so a batch sharded over a mesh stays
-    sharded, and each batch shard sums its own part of the head's gradient across the chunks: the shards'
-    parts are added once, after the last chunk, not once per chunk (`mixtral-jax plan`, Mixtral-8x7B full
-    fine-tuning at fsdp=8,expert=8, batch 64: the step's reduce-scatters 263 -> 13 GiB per device, for one fp32
-    [D, V] part, 0.49 GiB, per device).
-    `head_grad=False` (a frozen LM head, as in LoRA) skips the head's gradient product; the head then gets a
-    zero gradient.
+    sharded. `head_grad=False` (a frozen LM head, as in LoRA) skips the head's gradient product; the head
+    then gets a zero gradient.
     """
     targets = labels[:, 1:]
     valid = targets != IGNORE_INDEX
@@ -103,22 +96,10 @@ def _fused_nll(rows, head, targets, valid, chunk, head_grad):
     return jnp.sum(jax.lax.map(block_nll, (blocked_rows, blocked_targets, blocked_valid)))
 
 
-def _batch_shards(batch: int) -> int:
-    """Into how many parts the active mesh splits a batch of `batch` rows (1 without a mesh)."""
-    active = active_mesh()
-    if active is None:
-        return 1
-    mesh, rules = active
-    axes = logical_to_spec(("batch",), (batch,), mesh, rules)[0] or ()
-    return math.prod(mesh.shape[axis] for axis in ((axes,) if isinstance(axes, str) else axes))
-
-
 def _fused_nll_forward(rows, head, targets, valid, chunk, head_grad):
     batch, n, width = rows.shape
     vocab = head.shape[1]
     blocked_rows, blocked_targets, blocked_valid = _in_chunks(rows, targets, valid, chunk)
-    shards = _batch_shards(batch)
-    per_shard = ("batch", "embed", "vocab")  # [shards, D, V]: one part of the head's gradient per batch shard
 
     def block(head_gradient, inputs):
         h, t, v = inputs
@@ -129,16 +110,14 @@ def _fused_nll_forward(rows, head, targets, valid, chunk, head_grad):
         logits_gradient = logits_gradient.astype(h.dtype)
         rows_gradient = jnp.einsum("btv,dv->btd", logits_gradient, head)
         if head_grad:
-            by_shard = lambda x: x.reshape(shards, batch // shards, *x.shape[1:])
-            head_gradient = constrain(head_gradient + jnp.einsum(
-                "sbtd,sbtv->sdv", by_shard(h), by_shard(logits_gradient), preferred_element_type=jnp.float32),
-                per_shard)
+            head_gradient = head_gradient + jnp.einsum("btd,btv->dv", h, logits_gradient,
+                                                       preferred_element_type=jnp.float32)
         return head_gradient, (jnp.sum(nll), rows_gradient)
 
-    start = constrain(jnp.zeros((shards, *head.shape), jnp.float32), per_shard) if head_grad else None
+    start = jnp.zeros(head.shape, jnp.float32) if head_grad else None
     head_gradient, (nll, rows_gradient) = jax.lax.scan(block, start, (blocked_rows, blocked_targets, blocked_valid))
     rows_gradient = jnp.moveaxis(rows_gradient, 0, 1).reshape(batch, -1, width)[:, :n]
-    head_gradient = None if head_gradient is None else head_gradient.sum(0).astype(head.dtype)
+    head_gradient = None if head_gradient is None else head_gradient.astype(head.dtype)
     return jnp.sum(nll), (rows_gradient, head_gradient)
 
 

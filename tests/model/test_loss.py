@@ -10,8 +10,6 @@ from mixtral_jax.model.loss import (
     fused_next_token_nll,
     next_token_nll,
 )
-from mixtral_jax.parallel import sharding
-from mixtral_jax.parallel.collectives import collective_bytes, compile_partitioned
 
 B, T, D, V = 3, 11, 16, 50  # 10 scored positions per row: not a multiple of the chunks below
 
@@ -75,28 +73,3 @@ def test_blockwise_token_nll_equals_log_softmax():
     nll, greedy = blockwise_token_nll(rows, head, targets, chunk=4)
     np.testing.assert_allclose(nll, -log_probs[jnp.arange(T), targets], rtol=1e-6)
     np.testing.assert_array_equal(greedy, jnp.argmax(log_probs, -1) == targets)
-
-
-@pytest.mark.slow
-def test_a_sharded_batch_adds_the_heads_gradient_parts_once():
-    """On a mesh each batch shard sums its part of the head's gradient over all chunks; the parts are reduced
-    once (a chunk of one position a row: 32 chunks, which used to be 32 reductions), and the gradients are
-    those of the plain loss."""
-    mesh = sharding.make_mesh("data=2,fsdp=4", devices=jax.devices()[:8])
-    rng = np.random.default_rng(0)
-    hidden = jnp.asarray(rng.normal(size=(8, 33, 16)), jnp.float32)
-    head = jnp.asarray(rng.normal(size=(16, 64)) * 0.3, jnp.float32)
-    labels = jnp.asarray(rng.integers(0, 64, (8, 33))).at[1, :9].set(-100)
-    batch = sharding.named_sharding(("batch", None, None), hidden.shape, mesh)
-
-    def grads(h, w):
-        with sharding.use_mesh(mesh):
-            return jax.grad(lambda h, w: fused_next_token_nll(h, w, labels, chunk_rows=8)[0], argnums=(0, 1))(h, w)
-
-    sharded = jax.jit(grads, in_shardings=(batch, None))
-    reference = jax.grad(lambda h, w: _plain(h, w, labels), argnums=(0, 1))(hidden, head)
-    for ours, ref in zip(sharded(hidden, head), reference):
-        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
-    counts = collective_bytes(compile_partitioned(sharded.lower(hidden, head))[1])
-    head_bytes = head.size * 4
-    assert 0 < counts["all-reduce"] + counts["reduce-scatter"] <= 2 * head_bytes  # 32 x head_bytes before
