@@ -149,13 +149,11 @@ def _file_tasks(source: int, path: str, collector: _Tasks) -> Iterator[list[Piec
     start, first_line, pending = 0, 1, 0
     for ends, next_lines in line_ends(path):
         taken = 0
-        while len(ends) - taken >= collector.room() - pending:
-            last = taken + collector.room() - pending - 1
-            end, line = int(ends[last]), int(next_lines[last])
-            count = collector.room()
-            task = collector.add(LineRange(source, path, start, end, first_line), count)
-            start, first_line, pending, taken = end, line, 0, last + 1
-            yield task
+        while len(ends) - taken >= (needed := collector.room() - pending):  # this read completes a task
+            last = taken + needed - 1
+            end = int(ends[last])
+            yield collector.add(LineRange(source, path, start, end, first_line), pending + needed)
+            start, first_line, pending, taken = end, int(next_lines[last]), 0, last + 1
         pending += len(ends) - taken
     if pending:  # fewer than the task lacks: completes none
         collector.add(LineRange(source, path, start, os.path.getsize(path), first_line), pending)
